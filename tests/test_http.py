@@ -1,0 +1,164 @@
+"""The HTTP server: keep-alive, pipelining, 100-continue, limits, timeouts, errors and shutdown."""
+import http.client
+import json
+import socket
+import time
+
+import pytest
+
+import tokligence as tk
+
+
+def raw_exchange(port: int, data: bytes, read_until_close: bool = True, timeout: float = 5) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close:
+                break
+        return b"".join(chunks)
+
+
+def chat_body(text: str = "hi", **extra) -> bytes:
+    return json.dumps({"model": "any-model", "messages": [{"role": "user", "content": text}], **extra}).encode()
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(gateway_factory):
+    gw = gateway_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    for i in range(5):
+        conn.request("POST", "/v1/chat/completions", chat_body(f"n{i}"), {"content-type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["choices"][0]["message"]["content"] == f"echo: n{i}"
+    assert conn.sock is not None          # still the same open socket
+    conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(gateway_factory):
+    gw = gateway_factory()
+    data = b"".join(post("/v1/chat/completions", chat_body(f"p{i}")) for i in range(3))
+    data += b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    reply = raw_exchange(gw.port, data)
+    assert reply.count(b"HTTP/1.1 200") == 4
+    positions = [reply.index(f"echo: p{i}".encode()) for i in range(3)]
+    assert positions == sorted(positions)
+    assert reply.rindex(b'"status": "ok"') > positions[-1]
+
+
+def test_expect_100_continue_gets_an_interim_response(gateway_factory):
+    gw = gateway_factory()
+    body = chat_body("continued")
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b"echo: continued" in reply
+
+
+def test_body_over_the_limit_gets_413_in_openai_shape_before_it_is_sent(gateway_factory):
+    gw = gateway_factory("[gateway]\nmax_body_bytes = 1000\n")
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+            b"Expect: 100-continue\r\n\r\n")
+    reply = raw_exchange(gw.port, head)
+    assert reply.startswith(b"HTTP/1.1 413")
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert "exceeds the limit of 1000 bytes" in error["message"]
+
+
+def test_chunked_body_over_the_limit_gets_413(gateway_factory):
+    gw = gateway_factory("[gateway]\nmax_body_bytes = 1000\n")
+    chunk = b"x" * 600
+    data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"258\r\n" + chunk + b"\r\n" + b"258\r\n" + chunk + b"\r\n0\r\n\r\n")
+    assert raw_exchange(gw.port, data).startswith(b"HTTP/1.1 413")
+
+
+def test_malformed_http_gets_400_and_the_server_keeps_serving(gateway_factory):
+    gw = gateway_factory()
+    assert raw_exchange(gw.port, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert b"200 OK" in raw_exchange(gw.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def test_slow_headers_time_out_with_408(gateway_factory):
+    gw = gateway_factory("[gateway]\nheader_timeout = 0.3\n")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 3
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(gateway_factory):
+    gw = gateway_factory("[gateway]\nidle_timeout = 0.3\n")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.1)
+        assert b"200 OK" in sock.recv(65536)
+        assert sock.recv(65536) == b""      # closed by the server, quietly
+
+
+def test_unknown_path_is_404_and_wrong_method_405_in_openai_shape(gateway_factory):
+    gw = gateway_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("GET", "/v1/nothing-here")
+    response = conn.getresponse()
+    assert response.status == 404
+    error = json.loads(response.read())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    conn.request("GET", "/v1/chat/completions")
+    response = conn.getresponse()
+    assert response.status == 405 and response.getheader("allow") == "POST"
+    assert json.loads(response.read())["error"]["message"].startswith("GET is not allowed")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"", "body is empty"),
+    (json.dumps({"messages": []}).encode(), "'model' is required"),
+    (json.dumps({"model": 42, "messages": []}).encode(), "'model' is required"),
+    (json.dumps({"model": "m", "messages": [], "stream": "yes"}).encode(), "'stream' must be a boolean"),
+])
+def test_bad_request_bodies_get_400_in_openai_shape(gateway_factory, body, fragment):
+    gw = gateway_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 400
+    error = json.loads(response.read())["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_health_reports_version_uptime_and_providers(gateway_factory):
+    gw = gateway_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    assert health["status"] == "ok" and health["version"] == tk.__version__
+    assert [p["name"] for p in health["providers"]] == ["loopback"]
+
+
+def test_head_root_answers_for_preconnects(gateway_factory):
+    gw = gateway_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("HEAD", "/")
+    assert conn.getresponse().status == 200

@@ -1,0 +1,56 @@
+"""The SSE parser and writer, on their own: every split point, every line ending, comments and ids."""
+import pytest
+
+import tokligence as tk
+
+STREAM = (b": keep-alive comment\n"
+          b"event: message_start\ndata: {\"a\": 1}\n\n"
+          b"data: line one\r\ndata: line two\r\n\r\n"
+          b"id: 7\rretry: 1500\revent: ping\rdata: {}\r\r"
+          b"data:no-space\n\n"
+          b"data: [DONE]\n\n")
+EXPECTED = [("message_start", '{"a": 1}', None, None), (None, "line one\nline two", None, None),
+            ("ping", "{}", "7", 1500), (None, "no-space", "7", None), (None, "[DONE]", "7", None)]
+
+
+def summary(events):
+    return [(e.event, e.data, e.id, e.retry) for e in events]
+
+
+def test_parses_events_with_every_line_ending_and_field():
+    # the last event id persists to later events, as the HTML spec's "last event ID" does
+    assert summary(tk.SSEParser().feed(STREAM)) == EXPECTED
+
+
+@pytest.mark.parametrize("split", range(1, len(STREAM)))
+def test_chunks_split_at_any_byte_give_the_same_events(split):
+    parser = tk.SSEParser()
+    events = parser.feed(STREAM[:split]) + parser.feed(STREAM[split:])
+    assert summary(events) == EXPECTED
+
+
+def test_byte_at_a_time_gives_the_same_events_and_raw_bytes_rebuild_the_stream():
+    parser = tk.SSEParser()
+    events = [event for i in range(len(STREAM)) for event in parser.feed(STREAM[i:i + 1])]
+    assert summary(events) == EXPECTED
+    assert b"".join(e.raw for e in events) == STREAM
+
+
+def test_multibyte_utf8_split_across_chunks_survives():
+    data = "data: {\"text\": \"héllo 世界\"}\n\n".encode()
+    parser = tk.SSEParser()
+    events = [event for i in range(len(data)) for event in parser.feed(data[i:i + 1])]
+    assert events[0].data == '{"text": "héllo 世界"}'
+
+
+def test_unterminated_final_event_is_not_dispatched():
+    parser = tk.SSEParser()
+    assert parser.feed(b"data: partial") == []
+    assert parser.close() == []
+
+
+def test_writer_output_parses_back():
+    payload = tk.sse_event("content_block_delta", {"type": "x", "text": "a\nb"}) + tk.sse_event(None, "[DONE]")
+    events = tk.SSEParser().feed(payload)
+    assert summary(events) == [("content_block_delta", '{"type":"x","text":"a\\nb"}', None, None),
+                               (None, "[DONE]", None, None)]

@@ -1,0 +1,205 @@
+"""The upstream client as users feel it: connection reuse, decoding, timeouts, disconnects."""
+import http.client
+import json
+import socket
+import time
+
+import openai
+import pytest
+
+from conftest import provider_section
+
+
+def client(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-client", max_retries=0)
+
+
+def ask(gw, text="hi", **kw):
+    return client(gw).chat.completions.create(model="m", messages=[{"role": "user", "content": text}], **kw)
+
+
+@pytest.fixture
+def gw(gateway_factory, mock):
+    return gateway_factory(provider_section("local", mock, extra="") + "[routes]\n* = local\n")
+
+
+def test_one_upstream_connection_serves_many_requests(gw, mock):
+    for i in range(6):
+        assert ask(gw, f"q{i}").choices[0].message.content
+        list(ask(gw, f"s{i}", stream=True))
+    assert mock.connections_opened == 1
+
+
+def test_compressed_upstream_reply_is_decoded(gw, mock):
+    mock.enqueue({"text": "squeezed", "fault": "gzip"})
+    assert ask(gw).choices[0].message.content == "squeezed"
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_and_the_gateway_keeps_serving(gw, mock):
+    mock.enqueue({"fault": "slow_stream", "interval": 0.05, "deltas": 200})
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "long"}]}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert b"200 OK" in sock.recv(65536)
+        time.sleep(0.2)
+    assert mock.wait_for_disconnect(timeout=5), "upstream connection was not closed after the client left"
+    assert ask(gw, "after").choices[0].message.content
+
+
+def test_slow_first_byte_beyond_the_read_timeout_is_a_502(gateway_factory, mock):
+    gw = gateway_factory(provider_section("local", mock) + "[routes]\n* = local\n[gateway]\nread_timeout = 0.3\n")
+    mock.enqueue({"fault": "slow_first_byte", "delay": 2})
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask(gw)
+    assert caught.value.status_code == 502
+    assert "did not answer within 0.3 s" in caught.value.body["message"]
+
+
+def test_unreachable_provider_is_a_502_naming_it(gateway_factory):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gw = gateway_factory(f"[provider.gone]\nbase_url = http://127.0.0.1:{port}/v1\n[routes]\n* = gone\n")
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask(gw)
+    assert caught.value.status_code == 502 and "provider gone" in caught.value.body["message"]
+
+
+def test_cut_stream_ends_with_an_error_chunk(gw, mock):
+    mock.enqueue({"text": "a b c d e", "deltas": 5, "fault": "cut_stream", "after": 2})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}), {"content-type": "application/json"})
+    text = conn.getresponse().read().decode()
+    last = [line for line in text.splitlines() if line.startswith("data: ")][-1]
+    assert "mid-stream" in json.loads(last[6:])["error"]["message"]
+
+
+def test_garbage_from_the_provider_is_relayed_as_is_in_passthrough(gw, mock):
+    mock.enqueue({"fault": "garbage"})
+    with pytest.raises(openai.APIError):
+        ask(gw)
+    assert ask(gw, "again").choices[0].message.content
+
+
+# ---- TLS and proxies ------------------------------------------------------------------------------
+import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import ssl  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+
+class PipeServer:
+    """A loopback TCP server in a thread that pipes each connection somewhere: a TLS terminator in
+    front of the mock, or an HTTP CONNECT proxy (which also records the CONNECT targets it saw)."""
+
+    def __init__(self, *, tls: ssl.SSLContext | None = None, target: tuple[str, int] | None = None):
+        self.tls, self.target, self.connects = tls, target, []
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def main():
+            self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0, ssl=self.tls)
+            self.port = self.server.sockets[0].getsockname()[1]
+            started.set()
+
+        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(main()),
+                                                       self.loop.run_forever()), daemon=True)
+        self.thread.start()
+        started.wait(5)
+
+    async def handle(self, reader, writer):
+        target = self.target
+        if target is None:                                  # act as a CONNECT proxy
+            head = await reader.readuntil(b"\r\n\r\n")
+            host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+            self.connects.append(f"{host}:{port}")
+            target = (host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        up_reader, up_writer = await asyncio.open_connection(*target)
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self):
+        async def stop():
+            self.server.close()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return cert, context
+
+
+def test_https_provider_trusted_through_ca_bundle(gateway_factory, mock, certificate):
+    cert, context = certificate
+    tls = PipeServer(tls=context, target=("127.0.0.1", int(mock.base_url.rsplit(":", 1)[1])))
+    try:
+        gw = gateway_factory(f"[gateway]\nca_bundle = {cert}\n[provider.secure]\n"
+                             f"base_url = https://localhost:{tls.port}/v1\n[routes]\n* = secure\n")
+        mock.enqueue({"text": "over tls"})
+        assert ask(gw).choices[0].message.content == "over tls"
+    finally:
+        tls.close()
+
+
+def test_https_provider_with_an_unknown_ca_is_refused(gateway_factory, mock, certificate):
+    _, context = certificate
+    tls = PipeServer(tls=context, target=("127.0.0.1", int(mock.base_url.rsplit(":", 1)[1])))
+    try:
+        gw = gateway_factory(f"[provider.secure]\nbase_url = https://localhost:{tls.port}/v1\n[routes]\n* = secure\n")
+        with pytest.raises(openai.APIStatusError) as caught:
+            ask(gw)
+        assert caught.value.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in caught.value.body["message"]
+    finally:
+        tls.close()
+
+
+def test_https_proxy_is_used_through_connect(gateway_factory, mock, certificate):
+    cert, context = certificate
+    tls = PipeServer(tls=context, target=("127.0.0.1", int(mock.base_url.rsplit(":", 1)[1])))
+    proxy = PipeServer()
+    try:
+        gw = gateway_factory(f"[gateway]\nca_bundle = {cert}\n[provider.secure]\n"
+                             f"base_url = https://localhost:{tls.port}/v1\n[routes]\n* = secure\n",
+                             env={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"})
+        mock.enqueue({"text": "tunnelled"})
+        assert ask(gw).choices[0].message.content == "tunnelled"
+        assert proxy.connects == [f"localhost:{tls.port}"]
+    finally:
+        proxy.close()
+        tls.close()
+
+
+def test_no_proxy_bypasses_the_proxy(gateway_factory, mock):
+    gw = gateway_factory(provider_section("local", mock) + "[routes]\n* = local\n",
+                         env={"HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "localhost,127.0.0.1"})
+    mock.enqueue({"text": "direct"})
+    assert ask(gw).choices[0].message.content == "direct"
