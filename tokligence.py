@@ -3593,15 +3593,15 @@ def _responses_history_item(part: Part, keep_reasoning: bool) -> dict[str, Any] 
 def _responses_input_items(messages: list[Message], keep_reasoning: bool) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for message in messages:
-        text_type = "input_text" if message.role == "user" else "output_text"
-        content: list[dict[str, Any]] = []   # message content gathered between item-level parts
+        content: list[dict[str, Any]] = []   # user content gathered between tool results
         for part in message.parts:
-            if isinstance(part, Text):
-                content.append({"type": text_type, "text": part.text})
+            if isinstance(part, (Text, Refusal)) and message.role == "assistant":
+                # string content: the one assistant message form the spec takes without an item id
+                items.append({"type": "message", "role": "assistant", "content": part.text})
+            elif isinstance(part, Text):
+                content.append({"type": "input_text", "text": part.text})
             elif isinstance(part, Image):
                 content.append(_responses_image_input(part))
-            elif isinstance(part, Refusal):
-                content.append({"type": "refusal", "refusal": part.text})
             else:
                 if content:
                     items.append({"type": "message", "role": message.role, "content": content})
@@ -3656,7 +3656,8 @@ def responses_render_request(conv: Conversation, profile: UpstreamProfile) -> di
 # ---- response objects (shared by render_response and the stream encoder) ---------------------
 def _responses_usage_object(usage: Usage) -> dict[str, Any]:
     input_tokens = usage.input_tokens + usage.cache_read + usage.cache_write
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": usage.cache_read},
+    details = {"cached_tokens": usage.cache_read, "cache_write_tokens": usage.cache_write}
+    return {"input_tokens": input_tokens, "input_tokens_details": details,
             "output_tokens": usage.output_tokens,
             "output_tokens_details": {"reasoning_tokens": usage.reasoning},
             "total_tokens": input_tokens + usage.output_tokens}
@@ -3766,10 +3767,11 @@ def _responses_upstream_failure(error: Any) -> GatewayError:
 def responses_parse_usage(raw: Any) -> Usage:
     if not isinstance(raw, dict):
         return Usage()
-    cached = (raw.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    details = raw.get("input_tokens_details") or {}
+    cached, written = details.get("cached_tokens") or 0, details.get("cache_write_tokens") or 0
     reasoning = (raw.get("output_tokens_details") or {}).get("reasoning_tokens") or 0
-    return Usage(max((raw.get("input_tokens") or 0) - cached, 0), raw.get("output_tokens") or 0,
-                 cached, 0, reasoning)
+    return Usage(max((raw.get("input_tokens") or 0) - cached - written, 0), raw.get("output_tokens") or 0,
+                 cached, written, reasoning)
 
 
 def _responses_item_parts(item: Any) -> list[Part]:
@@ -4438,18 +4440,30 @@ class UpstreamResponse:
     def header(self, name: bytes) -> str | None:
         return next((v.decode("latin-1") for n, v in self.headers if n == name), None)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, heartbeat: float | None = None) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; with `heartbeat`, an empty chunk after each such silence so
+        the caller can keep its own client's connection alive."""
         connection = self._connection
         if connection is None:
             return
         conn, reader = connection.h11, connection.reader
         read_timeout = self._pool.read_timeout
+        wait = min(heartbeat, read_timeout) if heartbeat else read_timeout
+        silent = 0.0
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    async with asyncio.timeout(read_timeout):
-                        data = await reader.read(READ_SIZE)
+                    try:
+                        async with asyncio.timeout(wait):     # cancelling a read loses no data
+                            data = await reader.read(READ_SIZE)
+                    except TimeoutError:
+                        silent += wait
+                        if silent >= read_timeout:
+                            raise
+                        yield b""
+                        continue
+                    silent = 0.0
                     conn.receive_data(data)
                 elif type(event) is h11.Data:
                     yield self._inflate.decompress(event.data) if self._inflate else event.data
@@ -4777,6 +4791,8 @@ JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 ANTHROPIC_VERSION = "2023-06-01"
+TOKEN_LIMIT_FIELDS = {"chat": ("max_tokens", "max_completion_tokens"), "messages": ("max_tokens",),
+                      "responses": ("max_output_tokens",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -4889,6 +4905,39 @@ def loopback_embedding(text: str, dimensions: int = 16) -> list[float]:
     return [round((digest[i % 32] - 127.5) / 127.5, 6) for i in range(dimensions)]
 
 
+def is_gateway_key(credential: str) -> bool:
+    return credential.removeprefix("Bearer ").startswith("tok_")
+
+
+class ThinkingMemory:
+    """Signed thinking blocks by the id of the tool call they led to. Chat and Responses clients
+    cannot carry Anthropic's signatures back, yet Anthropic rejects a tool-use turn without its
+    thinking; so the gateway puts the block back on the next turn (bounded, oldest forgotten first)."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.blocks: dict[str, list[Thinking]] = {}
+
+    def remember(self, parts: list[Part]) -> None:
+        thinking = [p for p in parts if isinstance(p, Thinking) and (p.signature or p.redacted)]
+        if not thinking:
+            return
+        for part in parts:
+            if isinstance(part, ToolCall):
+                self.blocks[part.id] = thinking
+        while len(self.blocks) > self.size:
+            del self.blocks[next(iter(self.blocks))]
+
+    def restore(self, conv: Conversation) -> None:
+        for message in conv.messages:
+            if message.role != "assistant" or any(isinstance(p, Thinking) and (p.signature or p.redacted)
+                                                  for p in message.parts):
+                continue
+            call = next((p for p in message.parts if isinstance(p, ToolCall)), None)
+            if call is not None and call.id in self.blocks:
+                message.parts[:0] = self.blocks[call.id]
+
+
 class Gateway:
     """The application: routes requests to handlers; owns the router, the pool and the ledger."""
 
@@ -4898,9 +4947,12 @@ class Gateway:
         self.pool = UpstreamPool(make_ssl_context(settings.ca_bundle, env), settings.connect_timeout,
                                  settings.read_timeout)
         self.started = time.time()
+        self.thinking = ThinkingMemory()
         self.endpoints: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_message_tokens},
+            "/v1/responses/input_tokens": {"POST": self.count_response_tokens},
             "/v1/responses": {"POST": self.responses},
             "/v1/embeddings": {"POST": self.embeddings},
             "/v1/models": {"GET": self.models},
@@ -5016,7 +5068,9 @@ class Gateway:
         elif "user-agent" in request.headers:
             headers.append(("user-agent", request.headers["user-agent"]))
         if upstream.provider.forward_client_auth:
-            headers += [(name, request.headers[name]) for name in CREDENTIAL_HEADERS if name in request.headers]
+            # The gateway's own key (tok_…) authenticates to the gateway; the other credential is the user's.
+            headers += [(name, value) for name in CREDENTIAL_HEADERS
+                        if (value := request.headers.get(name)) and not is_gateway_key(value)]
         else:
             headers += upstream.auth_headers
         if upstream.wire == "messages" and not (passthrough and "anthropic-version" in request.headers):
@@ -5042,6 +5096,10 @@ class Gateway:
         rewrite = ex.model_served != ex.model_requested
         if rewrite:
             body["model"] = ex.model_served
+        cap = upstream.provider.max_output_tokens
+        for name in TOKEN_LIMIT_FIELDS[ex.client_wire] if cap else ():
+            if isinstance(body.get(name), int) and body[name] > cap:
+                body[name], rewrite = cap, True
         drop_usage_chunk = False
         if ex.client_wire == "chat" and ex.stream:
             options = body.get("stream_options")
@@ -5107,10 +5165,11 @@ class Gateway:
         finally:
             ex.upstream_wait += time.perf_counter() - started
 
-    async def relay_chunks(self, ex: Exchange, response: UpstreamResponse) -> AsyncIterator[bytes]:
+    async def relay_chunks(self, ex: Exchange, response: UpstreamResponse,
+                           heartbeat: float | None = None) -> AsyncIterator[bytes]:
         """The provider's body as it arrives, timing the waits; closing it mid-way (the client left)
         closes the provider connection so generation stops."""
-        chunks = response.chunks()
+        chunks = response.chunks(heartbeat)
         try:
             while True:
                 started = time.perf_counter()
@@ -5139,6 +5198,12 @@ class Gateway:
         client, provider = WIRES[ex.client_wire], WIRES[upstream.wire]
         conv = client.parse_request(body)
         conv.model = ex.model_served
+        if ex.client_wire == "messages" and (skipped := messages_unportable_tools(body)):
+            log.info("request id=%s dropped Anthropic server tools %s: provider %s cannot run them",
+                     ex.id, ", ".join(skipped), upstream.name)
+        remember_thinking = upstream.wire == "messages"
+        if remember_thinking:
+            self.thinking.restore(conv)
         payload = json.dumps(provider.render_request(conv, upstream.profile), ensure_ascii=False).encode()
         response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire],
                                             self.upstream_headers(request, upstream, False), payload)
@@ -5155,6 +5220,8 @@ class Gateway:
                                    f"response: {exc.message}") from None
             reply.model = ex.model_requested
             ex.usage, ex.status = reply.usage, 200
+            if remember_thinking:
+                self.thinking.remember(reply.parts)
             if ex.stream:      # asked for a stream, got JSON: replay it as a stream
                 encoder = client.encoder(conv, body, ex.model_requested)
                 out = b"".join(encoder.feed(event) for event in reply_events(reply))
@@ -5166,16 +5233,24 @@ class Gateway:
         ex.status = 200
         decoder = provider.decoder()
         encoder = client.encoder(conv, body, ex.model_requested)
+        collector = ReplyCollector() if remember_thinking else None
+        # Anthropic clients expect pings while a provider thinks in silence; others get nothing.
+        heartbeat = self.settings.ping_interval if ex.client_wire == "messages" else None
         parser = SSEParser()
         responder.start(200, self.response_headers(ex, SSE_HEADERS))
         usage = Usage()
         try:
-            async with contextlib.aclosing(self.relay_chunks(ex, response)) as chunks:
+            async with contextlib.aclosing(self.relay_chunks(ex, response, heartbeat)) as chunks:
                 async for chunk in chunks:
+                    if not chunk:
+                        await self.send_chunk(ex, responder, encoder.ping())
+                        continue
                     out = []
                     for sse in parser.feed(chunk):
                         for event in decoder.feed(sse.event, sse.data):
                             usage = self.note_event(ex, event, usage)
+                            if collector:
+                                collector.feed(event)
                             out.append(encoder.feed(event))
                     await self.send_chunk(ex, responder, b"".join(out))
             tail = decoder.close()
@@ -5185,7 +5260,11 @@ class Gateway:
         out = []
         for event in tail:
             usage = self.note_event(ex, event, usage)
+            if collector:
+                collector.feed(event)
             out.append(encoder.feed(event))
+        if collector:
+            self.thinking.remember(collector.reply.parts)
         ex.usage = usage
         await self.send_chunk(ex, responder, b"".join(out))
         await responder.end()
@@ -5241,6 +5320,40 @@ class Gateway:
             await self.send_error(responder, "chat", err, ex.id)
         finally:
             self.finish(ex)
+
+    async def count_message_tokens(self, request: Request, responder: Responder) -> None:
+        await self.count_tokens(request, responder, "messages", "/messages/count_tokens",
+                                lambda count: {"input_tokens": count})
+
+    async def count_response_tokens(self, request: Request, responder: Responder) -> None:
+        await self.count_tokens(request, responder, "responses", "/responses/input_tokens",
+                                lambda count: {"object": "response.input_tokens", "input_tokens": count})
+
+    async def count_tokens(self, request: Request, responder: Responder, wire_name: str, suffix: str,
+                           answer: Callable[[int], dict]) -> None:
+        """Forwarded to a provider of the same wire; otherwise the local estimate, which is cheap
+        enough for the bursts editors send at start-up."""
+        try:
+            body = parse_json_object(request.body)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise GatewayError(400, "invalid_request", "'model' is required", param="model")
+            upstream, served = self.router.resolve(model)
+            if upstream.wire == wire_name:
+                if served != model:
+                    body["model"] = served
+                ex = Exchange("", request.path, wire_name, request.started)
+                response = await self.call_upstream(ex, upstream, suffix, self.upstream_headers(request, upstream, True),
+                                                    json.dumps(body).encode() if served != model else request.body)
+                data = await self.read_upstream(ex, response, upstream)
+                headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers
+                           if n.decode("latin-1") not in HOP_BY_HOP]
+                await responder.respond(response.status, headers, data)
+                return
+            count = estimate_tokens(WIRES[wire_name].parse_request(body))
+            await responder.respond(200, JSON_HEADERS, json.dumps(answer(count)).encode())
+        except GatewayError as err:
+            await self.send_error(responder, wire_name, err)
 
     async def models(self, request: Request, responder: Responder) -> None:
         listed = self.router.model_list()

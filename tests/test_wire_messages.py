@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokligence import *  # noqa: E402,F403
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
