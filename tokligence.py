@@ -138,6 +138,26 @@ ca_bundle =
 # A file of extra model aliases, one "pattern = model" per line, re-read when it changes
 # (env TOKLIGENCE_ALIASES_FILE).
 aliases_file = ~/.tokligence/aliases.ini
+# Team edition: the first admin's key, used when no admin exists yet; otherwise one is made and
+# printed once at start (env TOKLIGENCE_ADMIN_KEY).
+admin_key =
+# Log file of the CLI's own commands (user, key, usage); "-" for none (env TOKLIGENCE_CLI_LOG_FILE).
+cli_log_file = -
+# A log file rotates daily and once larger than this many bytes (env TOKLIGENCE_LOG_MAX_BYTES).
+log_max_bytes = 10485760
+# Rotated log files kept (env TOKLIGENCE_LOG_BACKUPS).
+log_backups = 7
+# Executable run on user and key events with the event as JSON on stdin; empty for none
+# (env TOKLIGENCE_HOOK_SCRIPT).
+hook_script =
+# Seconds a hook may run before it is killed (env TOKLIGENCE_HOOK_TIMEOUT).
+hook_timeout = 10
+# Agents loop: when the history ends in the same tool call with the same arguments this many times,
+# the provider is told to stop repeating (env TOKLIGENCE_LOOP_WARN_AFTER; 0 turns the warning off).
+loop_warn_after = 3
+# ...and at this many the gateway ends the turn itself instead of calling the provider
+# (env TOKLIGENCE_LOOP_STOP_AFTER; 0 turns the stop off).
+loop_stop_after = 5
 
 # Providers. Each [provider.NAME] section adds one; NAME is used in [routes] and in "NAME/model".
 #   wire               chat (OpenAI-compatible, the default), responses (OpenAI Responses) or
@@ -152,6 +172,9 @@ aliases_file = ~/.tokligence/aliases.ini
 #   drop_schema_keys   JSON-schema keys removed from tool schemas (for providers that reject them)
 #   reasoning          true if the provider accepts reasoning effort or thinking
 #   forward_client_auth  true to send the client's own credentials upstream instead of api_key
+#   drop_tools         tool names or types removed from requests because the provider rejects them;
+#                      default: OpenAI's built-in tools (web_search, tool_search, …) for every
+#                      provider but "openai"
 # Environment: TOKLIGENCE_PROVIDER_<NAME>_<KEY> (e.g. TOKLIGENCE_PROVIDER_OLLAMA_BASE_URL) adds or
 # changes a provider. "openai" and "anthropic" exist once their keys are set
 # (TOKLIGENCE_OPENAI_API_KEY or OPENAI_API_KEY; TOKLIGENCE_ANTHROPIC_API_KEY or ANTHROPIC_API_KEY;
@@ -198,6 +221,12 @@ aliases_file = ~/.tokligence/aliases.ini
 # Without a match, a provider's own models list decides; otherwise the request gets a 404.
 # deepseek-* = deepseek
 # llama* = ollama
+
+[prices]
+# "model-or-glob = input, output[, cache_read, cache_write]" in USD per million tokens, for the
+# ledger's cost column; a model without a price costs null, not 0. The longest matching glob wins.
+# gpt-5.5 = 1.25, 10, 0.125
+# claude-sonnet-4* = 3, 15, 0.3, 3.75
 
 [aliases]
 # "name-or-glob = model": rewrite the requested model before routing
@@ -267,25 +296,31 @@ GATEWAY_TYPES: dict[str, Callable[[str], Any]] = {
     "log_file": _to_str, "log_format": _to_choice("text", "json"), "max_body_bytes": _to_int,
     "header_timeout": _to_float, "idle_timeout": _to_float, "shutdown_grace": _to_float,
     "connect_timeout": _to_float, "read_timeout": _to_float, "ping_interval": _to_float,
-    "ca_bundle": _to_str, "aliases_file": _to_str,
+    "ca_bundle": _to_str, "aliases_file": _to_str, "admin_key": _to_str, "cli_log_file": _to_str,
+    "log_max_bytes": _to_int, "log_backups": _to_int, "hook_script": _to_str, "hook_timeout": _to_float,
+    "loop_warn_after": _to_int, "loop_stop_after": _to_int,
 }
 PROVIDER_TYPES: dict[str, Callable[[str], Any]] = {
     "wire": _to_choice("chat", "responses", "messages"), "base_url": _to_str, "api_key": _to_str,
     "headers": _to_headers, "models": _to_list, "max_output_tokens": _to_optional_int,
     "default_max_tokens": _to_int, "token_field": _to_choice("max_tokens", "max_completion_tokens"),
     "drop_schema_keys": _to_list, "reasoning": _to_bool, "forward_client_auth": _to_bool,
+    "drop_tools": _to_list,
 }
+# OpenAI's built-in tools (Codex sends some) that other providers reject; dropped for them by default.
+OPENAI_BUILTIN_TOOLS = ("web_search, web_search_preview, tool_search, file_search, image_generation, "
+                        "code_interpreter, computer_use_preview, local_shell, mcp")
 PROVIDER_DEFAULTS = {"wire": "chat", "api_key": "", "headers": "", "models": "", "max_output_tokens": "",
                      "default_max_tokens": "8192", "token_field": "max_tokens", "drop_schema_keys": "",
-                     "reasoning": "true", "forward_client_auth": "false"}
+                     "reasoning": "true", "forward_client_auth": "false", "drop_tools": OPENAI_BUILTIN_TOOLS}
 # Providers that exist as soon as their key is set; everything else comes from settings.
 BUILTIN_PROVIDERS = {
-    "openai": {"wire": "chat", "base_url": "https://api.openai.com/v1"},
+    "openai": {"wire": "chat", "base_url": "https://api.openai.com/v1", "drop_tools": ""},
     "anthropic": {"wire": "messages", "base_url": "https://api.anthropic.com/v1"},
 }
 BUILTIN_ROUTES = (("claude*", "anthropic"), ("gpt*", "openai"), ("o1*", "openai"), ("o3*", "openai"),
                   ("o4*", "openai"), ("chatgpt*", "openai"), ("text-embedding*", "openai"))
-LIST_SECTIONS = ("routes", "aliases")
+LIST_SECTIONS = ("routes", "aliases", "prices")
 # Environment names kept from the original gateway, besides TOKLIGENCE_<GATEWAY KEY>.
 ENV_NAMES = {
     "TOKLIGENCE_FACADE_PORT": ("gateway", "port"),
@@ -296,7 +331,7 @@ ENV_NAMES = {
 }
 FALLBACK_ENV = {"OPENAI_API_KEY": ("provider.openai", "api_key"),
                 "ANTHROPIC_API_KEY": ("provider.anthropic", "api_key")}
-SECRET_KEYS = ("api_key",)
+SECRET_KEYS = ("api_key", "admin_key")
 
 
 @dataclass(slots=True)
@@ -313,6 +348,10 @@ class Provider:
     drop_schema_keys: tuple[str, ...] = ()
     reasoning: bool = True
     forward_client_auth: bool = False
+    drop_tools: tuple[str, ...] = ()
+
+
+Price = tuple[float, float, float, float]   # USD per million tokens: input, output, cache read, cache write
 
 
 @dataclass(slots=True)
@@ -335,9 +374,18 @@ class Settings:
     ping_interval: float
     ca_bundle: str
     aliases_file: str
+    admin_key: str
+    cli_log_file: str
+    log_max_bytes: int
+    log_backups: int
+    hook_script: str
+    hook_timeout: float
+    loop_warn_after: int
+    loop_stop_after: int
     providers: dict[str, Provider]
     routes: list[tuple[str, str]]
     aliases: list[tuple[str, str]]
+    prices: dict[str, Price]
     origins: dict[str, str]            # "section.key" -> where its value came from
     path: Path | None = None
 
@@ -494,7 +542,23 @@ def _build_settings(values: dict[tuple[str, str], tuple[str, str]],
     origins = {f"{section}.{key}": origin for (section, key), (_, origin) in values.items()}
     return Settings(**gateway, providers=providers, routes=routes,
                     aliases=[(pattern, model) for pattern, model, _ in rules["aliases"]],
+                    prices={model: _parse_price(text, origin, model) for model, text, origin in rules["prices"]},
                     origins=origins, path=path)
+
+
+def _parse_price(text: str, origin: str, model: str) -> Price:
+    """'input, output[, cache_read, cache_write]' per million tokens; cache prices default to input's."""
+    try:
+        numbers = [float(item) for item in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3, 4) or any(n < 0 for n in numbers):
+        raise SettingsError(f"{origin}: [prices] {model} = {text!r}: expected 'input, output[, cache_read, "
+                            "cache_write]' in USD per million tokens")
+    input_price, output_price = numbers[0], numbers[1]
+    cache_read = numbers[2] if len(numbers) > 2 else input_price
+    cache_write = numbers[3] if len(numbers) > 3 else input_price
+    return input_price, output_price, cache_read, cache_write
 
 
 def mask_secret(value: str) -> str:
@@ -514,17 +578,21 @@ def describe_settings(settings: Settings) -> str:
             text = "" if value is None else str(value)
         return f"{key} = {text}".ljust(48) + f"  # {origin}"
 
+    def masked(key: str, value: Any) -> Any:
+        return mask_secret(value) if key in SECRET_KEYS else value
+
     out = ["[gateway]"]
-    out += [line(key, getattr(settings, key), settings.origins.get(f"gateway.{key}", "default"))
+    out += [line(key, masked(key, getattr(settings, key)), settings.origins.get(f"gateway.{key}", "default"))
             for key in GATEWAY_TYPES]
     for provider in settings.providers.values():
         out += ["", f"[provider.{provider.name}]"]
         for key in PROVIDER_TYPES:
-            value = getattr(provider, key)
-            value = mask_secret(value) if key in SECRET_KEYS else value
-            out.append(line(key, value, settings.origins.get(f"provider.{provider.name}.{key}", "default")))
+            out.append(line(key, masked(key, getattr(provider, key)),
+                            settings.origins.get(f"provider.{provider.name}.{key}", "default")))
     out += ["", "[routes]"] + [f"{pattern} = {target}" for pattern, target in settings.routes]
     out += ["", "[aliases]"] + [f"{pattern} = {model}" for pattern, model in settings.aliases]
+    out += ["", "[prices]"] + [f"{model} = {', '.join(f'{p:g}' for p in price)}"
+                               for model, price in settings.prices.items()]
     return "\n".join(out) + "\n"
 T = TypeVar("T")
 
@@ -813,9 +881,6 @@ def _storage_settle(future: asyncio.Future[Any], result: Any, error: Exception |
 
 
 # ---- costs ---------------------------------------------------------------------------------------
-Price = tuple[float, float, float, float]   # USD per million tokens: input, output, cache read, cache write
-
-
 class PriceTable:
     """Prices by model name or glob pattern ("claude-sonnet-4*"): an exact name wins, then the longest
     matching pattern. Each model's answer is remembered, so pricing a request is one dict lookup."""
@@ -1446,6 +1511,9 @@ class Conversation:
     reasoning_effort: str | None = None   # "minimal" | "low" | "medium" | "high" | ...
     thinking_budget: int | None = None    # Anthropic thinking budget_tokens, when given
     user: str | None = None
+    # Flattened tool name -> (namespace, name) as the client declared it, so answers use its names.
+    tool_namespaces: dict[str, tuple[str, str]] = field(default_factory=dict)
+    unportable_tools: list[str] = field(default_factory=list)   # provider built-ins dropped, for the log
 
 
 # ---- replies and usage ---------------------------------------------------------------------
@@ -2606,15 +2674,6 @@ def _msg_is_server_tool(tool: dict) -> bool:
     return tool.get("type") not in (None, "custom")
 
 
-def messages_unportable_tools(body: dict) -> list[str]:
-    """Names of the Anthropic server tools messages_parse_request skips, for the caller to log."""
-    tools = body.get("tools") if isinstance(body, dict) else None
-    if not isinstance(tools, list):
-        return []
-    return [str(tool.get("name") or tool.get("type")) for tool in tools
-            if isinstance(tool, dict) and _msg_is_server_tool(tool)]
-
-
 _MSG_TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "tool", "none": "none"}
 _MSG_EFFORT_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
 
@@ -2632,6 +2691,7 @@ def _msg_parse_tools(body: dict, conv: Conversation) -> None:
         if not isinstance(tool, dict):
             raise _msg_invalid(where, "expected an object")
         if _msg_is_server_tool(tool):
+            conv.unportable_tools.append(str(tool.get("name") or tool.get("type")))
             continue
         schema = _msg_get(tool, "input_schema", dict, where) or {"type": "object", "properties": {}}
         conv.tools.append(Tool(_msg_need(tool, "name", str, where),
@@ -2673,7 +2733,7 @@ def messages_parse_request(body: dict) -> Conversation:
     """A /v1/messages (or /v1/messages/count_tokens) body as a Conversation.
 
     cache_control, context_management, container, mcp_servers, service_tier and beta fields are dropped:
-    the neutral model has no place for them. Server tools are skipped (see messages_unportable_tools).
+    the neutral model has no place for them. Server tools are skipped (named in conv.unportable_tools).
     max_tokens is optional because count_tokens bodies have none.
     """
     if not isinstance(body, dict):
@@ -2951,7 +3011,7 @@ _MSG_USAGE_FIELDS = (("input_tokens", "input_tokens"), ("output_tokens", "output
                      ("cache_read_input_tokens", "cache_read"), ("cache_creation_input_tokens", "cache_write"))
 
 
-def _msg_parse_usage(raw: Any, base: Usage | None = None) -> Usage:
+def messages_parse_usage(raw: Any, base: Usage | None = None) -> Usage:
     """base (or zeros) updated with the counts present in an Anthropic usage object; nulls are skipped."""
     usage = Usage() if base is None else replace(base)
     if isinstance(raw, dict):
@@ -2978,7 +3038,7 @@ def messages_parse_response(body: dict) -> Reply:
         raise GatewayError(502, "api_error", f"upstream sent an invalid message: {err.message}") from None
     return Reply(str(body.get("id") or ""), str(body.get("model") or ""), parts,
                  _MSG_STOP_REASONS.get(body.get("stop_reason"), "stop"), body.get("stop_sequence"),
-                 _msg_parse_usage(body.get("usage")))
+                 messages_parse_usage(body.get("usage")))
 
 
 def _msg_message_id(reply_id: str) -> str:
@@ -3039,7 +3099,7 @@ class MessagesStreamDecoder:
             return self._block_stop(self._indexes.get(payload.get("index")))
         if kind == "message_start":
             message = _msg_object(payload.get("message"))
-            start_usage = _msg_parse_usage(message.get("usage"))
+            start_usage = messages_parse_usage(message.get("usage"))
             start_usage.output_tokens = 0    # message_start carries a placeholder output count
             self._usage = start_usage
             return [Start(str(message.get("id") or ""), str(message.get("model") or ""), start_usage)]
@@ -3048,7 +3108,7 @@ class MessagesStreamDecoder:
             self._reason = _MSG_STOP_REASONS.get(delta.get("stop_reason"), "stop")
             self._stop_sequence = delta.get("stop_sequence")
             # output tokens, and in newer API versions the input and cache counts again
-            self._usage = _msg_parse_usage(payload.get("usage"), self._usage)
+            self._usage = messages_parse_usage(payload.get("usage"), self._usage)
             self._ended = True
             return []
         if kind == "message_stop":
@@ -3490,15 +3550,7 @@ def _responses_read_text_format(text: dict) -> dict[str, Any] | None:
     return None
 
 
-@dataclass(slots=True)
-class ResponsesRequest:
-    """A parsed Responses request: the conversation plus what the response side needs."""
-    conversation: Conversation
-    name_map: dict[str, tuple[str, str]]   # flattened tool name → (namespace, original name)
-    skipped_tools: list[str]               # built-in tool types that cannot be forwarded (to log)
-
-
-def responses_read_request(body: dict) -> ResponsesRequest:
+def responses_parse_request(body: dict) -> Conversation:
     body = _responses_object(body, "body")
     conv = Conversation(_responses_field(body, "model", "string", "model", required=True))
     instructions = _responses_field(body, "instructions", "string", "instructions")
@@ -3532,11 +3584,8 @@ def responses_read_request(body: dict) -> ResponsesRequest:
     conv.reasoning_effort = _responses_field(reasoning, "effort", "string", "reasoning.effort")
     conv.user = (_responses_field(body, "safety_identifier", "string", "safety_identifier")
                  or _responses_field(body, "user", "string", "user"))
-    return ResponsesRequest(conv, tools.name_map, tools.skipped)
-
-
-def responses_parse_request(body: dict) -> Conversation:
-    return responses_read_request(body).conversation
+    conv.tool_namespaces, conv.unportable_tools = tools.name_map, tools.skipped
+    return conv
 
 
 # ---- request: neutral → Responses provider ---------------------------------------------------
@@ -4173,6 +4222,7 @@ class Request:
     peer: str
     started: float                      # perf_counter when the request line arrived
     query: str = ""
+    key: KeyInfo | None = None          # the caller's API key once authenticated (team edition)
 
 
 def _header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -4621,6 +4671,7 @@ class Upstream:
     path_prefix: str
     auth_headers: list[tuple[str, str]]
     profile: UpstreamProfile
+    drop_tools: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -4650,7 +4701,8 @@ def build_upstream(provider: Provider, env: dict[str, str]) -> Upstream:
                               drop_schema_keys=frozenset(provider.drop_schema_keys),
                               reasoning=provider.reasoning)
     return Upstream(provider, origin, url.path.rstrip("/"),
-                    auth + [(name.lower(), value) for name, value in provider.headers.items()], profile)
+                    auth + [(name.lower(), value) for name, value in provider.headers.items()], profile,
+                    frozenset(provider.drop_tools))
 
 
 def read_alias_lines(text: str, source: str) -> list[tuple[str, str]]:
@@ -4781,6 +4833,129 @@ class Router:
             listed.append(("loopback", "tokligence"))
         return listed
 
+# ---- request policies ----------------------------------------------------------------------------
+# They work on the client's raw body, before passthrough or translation, so both paths share them.
+
+LOOP_WARNING = ("Note from the gateway: the conversation ends with {count} identical calls to the tool "
+                "'{name}' with the same arguments. Do not call it again with those arguments: use the results "
+                "you already have, try a different approach, or tell the user what is blocking you.")
+LOOP_STOP = ("I stopped because I was repeating myself: the last {count} tool calls were the same call to "
+             "'{name}' with identical arguments, and the results did not change. Tell me how you would like "
+             "to continue.")
+
+
+def _canonical_arguments(value: Any) -> str:
+    """Arguments compared by meaning, so key order and spacing do not hide a repeat."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _dicts(value: Any) -> Iterator[dict]:
+    """The dict items of a list, newest (last) first; anything malformed is skipped, not fatal:
+    the wire's parser reports bad bodies properly later."""
+    if isinstance(value, list):
+        yield from (item for item in reversed(value) if isinstance(item, dict))
+
+
+def _chat_calls(body: dict) -> Iterator[tuple[str, str]]:
+    for message in _dicts(body.get("messages")):
+        if message.get("role") == "assistant":
+            for call in _dicts(message.get("tool_calls")):
+                function = call.get("function") or call.get("custom") or {}
+                if isinstance(function, dict):
+                    yield str(function.get("name")), _canonical_arguments(
+                        function.get("arguments", function.get("input")))
+
+
+def _messages_calls(body: dict) -> Iterator[tuple[str, str]]:
+    for message in _dicts(body.get("messages")):
+        if message.get("role") == "assistant":
+            for block in _dicts(message.get("content")):
+                if block.get("type") == "tool_use":
+                    yield str(block.get("name")), _canonical_arguments(block.get("input"))
+
+
+def _responses_calls(body: dict) -> Iterator[tuple[str, str]]:
+    for item in _dicts(body.get("input")):
+        if item.get("type") in ("function_call", "custom_tool_call"):
+            yield str(item.get("name")), _canonical_arguments(item.get("arguments", item.get("input")))
+
+
+TOOL_CALL_HISTORY: dict[str, Callable[[dict], Iterator[tuple[str, str]]]] = {
+    "chat": _chat_calls, "messages": _messages_calls, "responses": _responses_calls}
+
+
+def repeated_tool_call(wire: str, body: dict) -> tuple[str, int]:
+    """The tool the history ends with and how many times in a row it was called with the same arguments."""
+    calls = TOOL_CALL_HISTORY[wire](body)
+    last = next(calls, None)
+    if last is None:
+        return "", 0
+    count = 1
+    for call in calls:
+        if call != last:
+            break
+        count += 1
+    return last[0], count
+
+
+def add_system_note(wire: str, body: dict, note: str) -> None:
+    """Appends a note to the system prompt in the wire's own place for it."""
+    if wire == "messages":
+        system = body.get("system")
+        if isinstance(system, list):
+            body["system"] = system + [{"type": "text", "text": note}]
+        else:
+            body["system"] = f"{system}\n\n{note}" if isinstance(system, str) and system else note
+    elif wire == "responses":
+        instructions = body.get("instructions")
+        body["instructions"] = f"{instructions}\n\n{note}" if isinstance(instructions, str) and instructions else note
+    else:
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        leading = next((i for i, m in enumerate(messages)
+                        if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))), len(messages))
+        body["messages"] = messages[:leading] + [{"role": "system", "content": note}] + messages[leading:]
+
+
+def _tool_identity(tool: Any) -> set[str]:
+    """The names a tool or tool choice goes by in any wire: its type and its (function) name."""
+    if isinstance(tool, str):
+        return {tool}
+    if not isinstance(tool, dict):
+        return set()
+    names = {tool.get("type"), tool.get("name")}
+    for nested in ("function", "custom"):
+        if isinstance(tool.get(nested), dict):
+            names.add(tool[nested].get("name"))
+    return {name for name in names if isinstance(name, str)}
+
+
+def drop_unsupported_tools(wire: str, body: dict, unsupported: frozenset[str]) -> list[str]:
+    """Removes the tools a provider rejects; a tool_choice naming one falls back to auto.
+    Returns the names dropped."""
+    tools = body.get("tools")
+    if not unsupported or not isinstance(tools, list):
+        return []
+    kept = [tool for tool in tools if not _tool_identity(tool) & unsupported]
+    if len(kept) == len(tools):
+        return []
+    dropped = sorted(set().union(*(_tool_identity(tool) & unsupported for tool in tools)))
+    if kept:
+        body["tools"] = kept
+    else:
+        del body["tools"]
+    if not kept:
+        body.pop("tool_choice", None)        # providers reject a tool choice without tools
+        body.pop("parallel_tool_calls", None)
+    elif _tool_identity(body.get("tool_choice")) & unsupported:
+        body["tool_choice"] = {"type": "auto"} if wire == "messages" else "auto"
+    return dropped
+
+
 # ================================================================================================
 # Handlers
 # One coroutine per endpoint: parse, route, then relay (passthrough), translate or answer locally
@@ -4802,7 +4977,7 @@ class Wire:
     parse_request: Callable[[dict], Conversation]
     render_request: Callable[[Conversation, UpstreamProfile], dict]
     parse_response: Callable[[dict], Reply]
-    render_response: Callable[[Reply, dict], dict]
+    render_response: Callable[[Reply, Conversation, dict], dict]
     decoder: Callable[[], Any]
     encoder: Callable[[Conversation, dict, str], Any]
     error_body: Callable[[GatewayError], dict]
@@ -4836,20 +5011,21 @@ def _responses_usage_of_event(event: SSEEvent) -> Usage | None:
 WIRES: dict[str, Wire] = {
     "chat": Wire(
         "chat", chat_parse_request, chat_render_request, chat_parse_response,
-        lambda reply, body: chat_render_response(reply), lambda: ChatStreamDecoder(),
+        lambda reply, conv, body: chat_render_response(reply), lambda: ChatStreamDecoder(),
         lambda conv, body, model: ChatStreamEncoder(model, conv.include_usage),
         chat_error_body, chat_parse_error, lambda body: chat_parse_usage(body.get("usage") or {}),
         _chat_usage_of_event, lambda err: sse_event(None, chat_error_body(err))),
     "messages": Wire(
         "messages", messages_parse_request, messages_render_request, messages_parse_response,
-        lambda reply, body: messages_render_response(reply), lambda: MessagesStreamDecoder(),
+        lambda reply, conv, body: messages_render_response(reply), lambda: MessagesStreamDecoder(),
         lambda conv, body, model: MessagesStreamEncoder(model),
         messages_error_body, messages_parse_error, lambda body: messages_parse_usage(body.get("usage") or {}),
         _messages_usage_of_event, lambda err: sse_event("error", messages_error_body(err))),
     "responses": Wire(
         "responses", responses_parse_request, responses_render_request, responses_parse_response,
-        lambda reply, body: responses_render_response(reply, request=body), lambda: ResponsesStreamDecoder(),
-        lambda conv, body, model: ResponsesStreamEncoder(model, request=body),
+        lambda reply, conv, body: responses_render_response(reply, request=body, name_map=conv.tool_namespaces),
+        lambda: ResponsesStreamDecoder(),
+        lambda conv, body, model: ResponsesStreamEncoder(model, request=body, name_map=conv.tool_namespaces),
         responses_error_body, responses_parse_error,
         lambda body: responses_parse_usage(body.get("usage") or {}), _responses_usage_of_event,
         lambda err: sse_event("error", {"type": "error", **responses_error_body(err)["error"]})),
@@ -4873,6 +5049,10 @@ class Exchange:
     usage: Usage = field(default_factory=Usage)
     upstream_wait: float = 0.0         # seconds spent waiting on the provider
     ttfb: float | None = None          # seconds to the first body byte sent to the client
+    key: KeyInfo | None = None
+    store: bool = False                # keep the Responses object for previous_response_id
+    loop: tuple[str, int] | None = None    # the repeated tool call that ended the turn
+    time: float = field(default_factory=now)
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.upstream_wait) * 1000)
@@ -4898,6 +5078,20 @@ def loopback_reply(conv: Conversation, model: str) -> Reply:
     output = max(1, (len(text) + 3) // 4)
     return Reply(new_id("msg_"), model, [Text(text)], "stop",
                  usage=Usage(input_tokens=estimate_tokens(conv), output_tokens=output))
+
+
+def input_items(value: Any) -> list:
+    """A Responses input as a list of items (a plain string is one user message)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    return list(value) if isinstance(value, list) else []
+
+
+def loop_stop_reply(name: str, count: int, model: str) -> Callable[[Conversation, str], Reply]:
+    """The final answer that ends a looping turn instead of calling the provider again."""
+    text = LOOP_STOP.format(name=name, count=count)
+    return lambda conv, served: Reply(new_id("msg_"), model, [Text(text)], "stop",
+                                      usage=Usage(output_tokens=max(1, len(text) // 4)))
 
 
 def loopback_embedding(text: str, dimensions: int = 16) -> list[float]:
@@ -4948,6 +5142,15 @@ class Gateway:
                                  settings.read_timeout)
         self.started = time.time()
         self.thinking = ThinkingMemory()
+        self.database = None if settings.ledger_path == "off" else open_database(settings.ledger_path)
+        if self.database is None and not settings.auth_disabled:
+            raise SettingsError("auth needs the database: ledger_path cannot be 'off' when auth_disabled = false")
+        self.ledger = LedgerWriter(self.database)
+        self.keys = None if settings.auth_disabled else KeyIndex(self.database)  # type: ignore[arg-type]
+        self.prices = PriceTable(settings.prices)
+        self.hooks = HookRunner(settings.hook_script or None, settings.hook_timeout)
+        self.allowed_hosts = frozenset(host.lower() for host in settings.allowed_hosts)
+        self.loops = {"warned": 0, "stopped": 0}
         self.endpoints: dict[str, dict[str, Callable]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/messages": {"POST": self.messages},
@@ -4959,23 +5162,72 @@ class Gateway:
             "/health": {"GET": self.health},
             "/": {"GET": self.health, "HEAD": self.head},
         }
+        # Paths ending in an id: prefix -> methods.
+        self.resources: dict[str, dict[str, Callable]] = {
+            "/v1/responses/": {"GET": self.get_stored_response, "DELETE": self.delete_stored_response},
+        }
+
+    def team_edition_start(self) -> str | None:
+        """With auth on and no admin yet: creates one and returns its key, to be shown once."""
+        if self.keys is None:
+            return None
+        assert self.database is not None
+        created = ensure_admin(self.database, self.settings.admin_key or None)
+        self.keys.invalidate()
+        return created
+
+    def close(self) -> None:
+        """At shutdown: every ledger row written, hooks finished, connections closed."""
+        self.pool.close()
+        self.ledger.close()
+        self.hooks.close()
+        if self.database is not None:
+            self.database.close()
 
     # ---- dispatch ----------------------------------------------------------------------------
     async def handle(self, request: Request, responder: Responder) -> None:
         path = request.path
         if path.startswith("/anthropic/"):
             path = path[len("/anthropic"):]
-        methods = self.endpoints.get(path.rstrip("/") or "/")
+        path = path.rstrip("/") or "/"
         wire = client_wire_of(path)
-        if methods is None:
-            await self.send_error(responder, wire, GatewayError(404, "not_found", f"no such endpoint: "
-                                                                 f"{request.method} {request.path}"))
-        elif request.method not in methods:
-            await self.send_error(responder, wire, GatewayError(405, "method_not_allowed",
-                                  f"{request.method} is not allowed on {request.path}",
-                                  headers={"allow": ", ".join(methods)}))
-        else:
-            await methods[request.method](request, responder)
+        try:
+            methods = self.endpoints.get(path) or next(
+                (methods for prefix, methods in self.resources.items() if path.startswith(prefix)), None)
+            if methods is None:
+                raise GatewayError(404, "not_found", f"no such endpoint: {request.method} {request.path}")
+            if request.method not in methods:
+                raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}",
+                                   headers={"allow": ", ".join(methods)})
+            if self.keys is None:
+                self.check_host(request)
+            elif path.startswith("/v1/"):
+                request.key = self.authenticate(request)
+        except GatewayError as err:
+            await self.send_error(responder, wire, err)
+            return
+        await methods[request.method](request, responder)
+
+    def check_host(self, request: Request) -> None:
+        """Without auth, only loopback Host names (and allowed ones) are served, so a web page cannot
+        drive the gateway through DNS rebinding."""
+        host = host_name(request.headers.get("host", ""))
+        if not (is_loopback_name(host) or host in self.allowed_hosts):
+            raise GatewayError(403, "permission", f"requests for host {host!r} are refused: auth is off, so only "
+                               "loopback names are served; add the name to allowed_hosts or turn auth on")
+
+    def authenticate(self, request: Request) -> KeyInfo:
+        """A valid key from Authorization: Bearer or x-api-key (Claude Code may send both)."""
+        assert self.keys is not None
+        self.keys.refresh_if_changed()
+        presented = [request.headers.get("x-api-key", ""),
+                     request.headers.get("authorization", "").removeprefix("Bearer ").strip()]
+        for credential in presented:
+            if credential and (key := self.keys.lookup(credential)) is not None:
+                return key
+        message = ("invalid, expired or revoked API key" if any(presented)
+                   else "missing API key: send it as 'Authorization: Bearer tok_…' or 'x-api-key'")
+        raise GatewayError(401, "authentication", message)
 
     async def send_error(self, responder: Responder, wire: str, err: GatewayError,
                          request_id: str | None = None) -> None:
@@ -5004,7 +5256,7 @@ class Gateway:
 
     async def infer(self, request: Request, responder: Responder, client_wire: str) -> None:
         ex = Exchange(request.headers.get("x-request-id") or new_id("req_"), request.path, client_wire,
-                      request.started)
+                      request.started, key=request.key)
         try:
             body = parse_json_object(request.body)
             model = body.get("model")
@@ -5017,12 +5269,18 @@ class Gateway:
             ex.model_requested, ex.stream = model, bool(stream)
             upstream, served = self.router.resolve(model)
             ex.provider, ex.provider_wire, ex.model_served = upstream.name, upstream.wire, served
-            if upstream.wire == "loopback":
-                await self.answer_locally(ex, responder, body, loopback_reply)
+            rewritten = self.apply_policies(ex, body, upstream)
+            if ex.loop is not None:
+                await self.answer_locally(ex, responder, body, loop_stop_reply(*ex.loop, model))
+            elif client_wire == "responses" and upstream.wire != "responses":
+                # The provider keeps no Responses state: the gateway stores and expands it.
+                body = await self.expand_previous_response(body)
+                ex.store = body.get("store") is not False and self.database is not None
+                await self.answer(ex, request, responder, body, upstream)
             elif upstream.wire == client_wire:
-                await self.passthrough(ex, request, responder, body, upstream)
+                await self.passthrough(ex, request, responder, body, upstream, rewritten)
             else:
-                await self.translate(ex, request, responder, body, upstream)
+                await self.answer(ex, request, responder, body, upstream)
         except GatewayError as err:
             ex.status, ex.error_type = err.status, err.kind
             if not responder.started:
@@ -5031,32 +5289,140 @@ class Gateway:
             ex.status = 499                      # the client went away
             raise
         finally:
-            self.finish(ex)
+            await self.finish(ex)
 
-    def finish(self, ex: Exchange) -> None:
-        elapsed = (time.perf_counter() - ex.started) * 1000
+    async def answer(self, ex: Exchange, request: Request, responder: Responder, body: dict,
+                     upstream: Upstream) -> None:
+        if upstream.wire == "loopback":
+            await self.answer_locally(ex, responder, body, loopback_reply)
+        else:
+            await self.translate(ex, request, responder, body, upstream)
+
+    def apply_policies(self, ex: Exchange, body: dict, upstream: Upstream) -> bool:
+        """Tool filtering and loop detection on the client's body; True if the body was changed.
+        Sets ex.loop when the turn must end without calling the provider."""
+        changed = False
+        if upstream.drop_tools and (dropped := drop_unsupported_tools(ex.client_wire, body, upstream.drop_tools)):
+            log.info("request id=%s dropped tools %s: provider %s does not take them", ex.id,
+                     ", ".join(dropped), upstream.name)
+            changed = True
+        settings = self.settings
+        if settings.loop_warn_after or settings.loop_stop_after:
+            name, count = repeated_tool_call(ex.client_wire, body)
+            if settings.loop_stop_after and count >= settings.loop_stop_after:
+                self.loops["stopped"] += 1
+                ex.error_type = "loop_stopped"
+                log.warning("request id=%s loop stopped: %d identical calls to %s", ex.id, count, name)
+                ex.loop = (name, count)
+                return changed
+            if settings.loop_warn_after and count >= settings.loop_warn_after:
+                self.loops["warned"] += 1
+                log.warning("request id=%s loop warning: %d identical calls to %s", ex.id, count, name)
+                add_system_note(ex.client_wire, body, LOOP_WARNING.format(name=name, count=count))
+                changed = True
+        return changed
+
+    async def finish(self, ex: Exchange) -> None:
+        """The request's log line and ledger row (awaiting only when the ledger queue is full)."""
+        latency = (time.perf_counter() - ex.started) * 1000
         u = ex.usage
-        log.info("request id=%s path=%s model=%s provider=%s status=%s stream=%s ms=%.1f in=%d out=%d "
-                 "cache_read=%d cache_write=%d", ex.id, ex.endpoint, ex.model_requested or "-",
-                 ex.provider or "-", ex.status, str(ex.stream).lower(), elapsed, u.input_tokens,
-                 u.output_tokens, u.cache_read, u.cache_write)
+        if log.isEnabledFor(logging.INFO):
+            log.info("request id=%s path=%s model=%s provider=%s status=%s stream=%s ms=%.1f in=%d out=%d "
+                     "cache_read=%d cache_write=%d", ex.id, ex.endpoint, ex.model_requested or "-",
+                     ex.provider or "-", ex.status, str(ex.stream).lower(), latency, u.input_tokens,
+                     u.output_tokens, u.cache_read, u.cache_write)
+        price = self.prices.price_for(ex.model_served) if ex.model_served else None
+        key = ex.key
+        await self.ledger.put({
+            "id": ex.id, "ts": ex.time, "user_id": key.user_id if key else None,
+            "key_id": key.key_id if key else None, "endpoint": ex.endpoint, "client_wire": ex.client_wire,
+            "provider": ex.provider or None, "provider_wire": ex.provider_wire or None,
+            "model_requested": ex.model_requested or None, "model_served": ex.model_served or None,
+            "stream": int(ex.stream), "status": ex.status, "error_type": ex.error_type,
+            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_read_tokens": u.cache_read,
+            "cache_write_tokens": u.cache_write, "reasoning_tokens": u.reasoning, "latency_ms": latency,
+            "ttfb_ms": ex.ttfb * 1000 if ex.ttfb is not None else latency,
+            "overhead_ms": max(0.0, latency - ex.upstream_wait * 1000),
+            "cost_usd": cost_usd(u.input_tokens, u.output_tokens, u.cache_read, u.cache_write, price)})
 
     def response_headers(self, ex: Exchange, base: list[tuple[str, str]]) -> list[tuple[str, str]]:
         return base + [("x-request-id", ex.id), ("x-tokligence-overhead-ms", f"{ex.overhead_ms():.3f}")]
 
     async def answer_locally(self, ex: Exchange, responder: Responder, body: dict,
                              answer: Callable[[Conversation, str], Reply]) -> None:
+        conv = WIRES[ex.client_wire].parse_request(body)
+        await self.send_reply(ex, responder, conv, body, answer(conv, ex.model_requested))
+
+    async def send_reply(self, ex: Exchange, responder: Responder, conv: Conversation, body: dict,
+                         reply: Reply) -> None:
+        """A whole Reply in the client's wire, as a stream or not (local answers, provider JSON)."""
         wire = WIRES[ex.client_wire]
-        conv = wire.parse_request(body)
-        reply = answer(conv, ex.model_requested)
         ex.usage, ex.status = reply.usage, 200
         if ex.stream:
             encoder = wire.encoder(conv, body, ex.model_requested)
             payload = b"".join(encoder.feed(event) for event in reply_events(reply))
+            await self.keep_response(ex, body, encoder)
             await responder.respond(200, self.response_headers(ex, SSE_HEADERS), payload)
         else:
-            payload = json.dumps(wire.render_response(reply, body)).encode()
-            await responder.respond(200, self.response_headers(ex, JSON_HEADERS), payload)
+            rendered = wire.render_response(reply, conv, body)
+            if ex.store:
+                await self.store_response(ex, body, rendered)
+            await responder.respond(200, self.response_headers(ex, JSON_HEADERS),
+                                    json.dumps(rendered, ensure_ascii=False).encode())
+
+    # ---- stored responses (Responses API state for providers that keep none) ------------------------
+    async def keep_response(self, ex: Exchange, body: dict, encoder: Any) -> None:
+        """Stores a streamed Responses object once complete, before its last event is sent, so a
+        follow-up that arrives at once finds it."""
+        if ex.store and encoder.response is not None:
+            await self.store_response(ex, body, encoder.response)
+
+    async def store_response(self, ex: Exchange, body: dict, response: dict) -> None:
+        ex.store = False
+        stored = {"response": response, "items": input_items(body.get("input")) + response.get("output", [])}
+        ttl = self.settings.response_ttl
+        await self.ledger.write_now(lambda db: store_response(db, response["id"], stored, ttl))
+
+    async def load_stored(self, response_id: str) -> dict:
+        """Read through the writer thread, so a response stored a moment ago is always seen."""
+        if self.database is None:
+            raise GatewayError(404, "not_found", f"response {response_id!r} not found: the gateway stores no "
+                               "responses while ledger_path = off", param="response_id")
+        stored = await self.ledger.write_now(lambda db: load_response(db, response_id))
+        if stored is None:
+            raise GatewayError(404, "not_found", f"response with id {response_id!r} not found",
+                               param="response_id")
+        return stored
+
+    async def expand_previous_response(self, body: dict) -> dict:
+        """previous_response_id: the stored conversation, then this request's input."""
+        previous = body.get("previous_response_id")
+        if previous is None:
+            return body
+        if not isinstance(previous, str):
+            raise GatewayError(400, "invalid_request", "'previous_response_id' must be a string",
+                               param="previous_response_id")
+        stored = await self.load_stored(previous)
+        expanded = {key: value for key, value in body.items() if key != "previous_response_id"}
+        expanded["input"] = stored["items"] + input_items(body.get("input"))
+        return expanded
+
+    async def get_stored_response(self, request: Request, responder: Responder) -> None:
+        try:
+            stored = await self.load_stored(request.path.rstrip("/").rsplit("/", 1)[-1])
+            await responder.respond(200, JSON_HEADERS, json.dumps(stored["response"]).encode())
+        except GatewayError as err:
+            await self.send_error(responder, "responses", err)
+
+    async def delete_stored_response(self, request: Request, responder: Responder) -> None:
+        response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            await self.load_stored(response_id)
+            await self.ledger.write_now(lambda db: delete_response(db, response_id))
+            payload = {"id": response_id, "object": "response", "deleted": True}
+            await responder.respond(200, JSON_HEADERS, json.dumps(payload).encode())
+        except GatewayError as err:
+            await self.send_error(responder, "responses", err)
 
     def upstream_headers(self, request: Request, upstream: Upstream, passthrough: bool) -> list[tuple[str, str]]:
         """Passthrough keeps the client's headers (minus hop-by-hop and credentials); translation
@@ -5089,11 +5455,12 @@ class Gateway:
             ex.upstream_wait += time.perf_counter() - started
 
     async def passthrough(self, ex: Exchange, request: Request, responder: Responder, body: dict,
-                          upstream: Upstream) -> None:
-        """Same wire on both sides: bytes relayed untouched but for the model name (alias or prefix)
+                          upstream: Upstream, rewritten: bool) -> None:
+        """Same wire on both sides: bytes relayed untouched but for the few rewrites named here: the
+        model name (alias or prefix), the provider's output cap, the policies' changes (rewritten)
         and, for chat streams, a request for the usage chunk that the client did not ask for."""
         wire = WIRES[ex.client_wire]
-        rewrite = ex.model_served != ex.model_requested
+        rewrite = rewritten or ex.model_served != ex.model_requested
         if rewrite:
             body["model"] = ex.model_served
         cap = upstream.provider.max_output_tokens
@@ -5198,9 +5565,9 @@ class Gateway:
         client, provider = WIRES[ex.client_wire], WIRES[upstream.wire]
         conv = client.parse_request(body)
         conv.model = ex.model_served
-        if ex.client_wire == "messages" and (skipped := messages_unportable_tools(body)):
-            log.info("request id=%s dropped Anthropic server tools %s: provider %s cannot run them",
-                     ex.id, ", ".join(skipped), upstream.name)
+        if conv.unportable_tools:
+            log.info("request id=%s dropped built-in tools %s: provider %s cannot run them",
+                     ex.id, ", ".join(conv.unportable_tools), upstream.name)
         remember_thinking = upstream.wire == "messages"
         if remember_thinking:
             self.thinking.restore(conv)
@@ -5219,16 +5586,9 @@ class Gateway:
                 raise GatewayError(502, "api_error", f"provider {upstream.name} sent an unreadable "
                                    f"response: {exc.message}") from None
             reply.model = ex.model_requested
-            ex.usage, ex.status = reply.usage, 200
             if remember_thinking:
                 self.thinking.remember(reply.parts)
-            if ex.stream:      # asked for a stream, got JSON: replay it as a stream
-                encoder = client.encoder(conv, body, ex.model_requested)
-                out = b"".join(encoder.feed(event) for event in reply_events(reply))
-                await responder.respond(200, self.response_headers(ex, SSE_HEADERS), out)
-            else:
-                out = json.dumps(client.render_response(reply, body), ensure_ascii=False).encode()
-                await responder.respond(200, self.response_headers(ex, JSON_HEADERS), out)
+            await self.send_reply(ex, responder, conv, body, reply)   # a stream if the client asked
             return
         ex.status = 200
         decoder = provider.decoder()
@@ -5252,6 +5612,7 @@ class Gateway:
                             if collector:
                                 collector.feed(event)
                             out.append(encoder.feed(event))
+                    await self.keep_response(ex, body, encoder)
                     await self.send_chunk(ex, responder, b"".join(out))
             tail = decoder.close()
         except UpstreamError as exc:
@@ -5266,6 +5627,7 @@ class Gateway:
         if collector:
             self.thinking.remember(collector.reply.parts)
         ex.usage = usage
+        await self.keep_response(ex, body, encoder)
         await self.send_chunk(ex, responder, b"".join(out))
         await responder.end()
 
@@ -5319,7 +5681,7 @@ class Gateway:
             ex.status, ex.error_type = err.status, err.kind
             await self.send_error(responder, "chat", err, ex.id)
         finally:
-            self.finish(ex)
+            await self.finish(ex)
 
     async def count_message_tokens(self, request: Request, responder: Responder) -> None:
         await self.count_tokens(request, responder, "messages", "/messages/count_tokens",
@@ -5380,6 +5742,19 @@ class Gateway:
         await responder.respond(200, [], b"")
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets, lower-cased."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_loopback_name(host: str) -> bool:
+    return (host in ("localhost", "::1") or host.endswith(".localhost")
+            or (host.startswith("127.") and host.replace(".", "").isdigit()))
+
+
 def client_wire_of(path: str) -> str:
     """The wire an endpoint's clients speak, which decides the shape of its errors."""
     return "messages" if "/v1/messages" in path else "chat"
@@ -5410,11 +5785,23 @@ async def serve(settings: Settings, env: dict[str, str], stop: asyncio.Event | N
                 ready: Callable[[Gateway, list[tuple[str, int]]], None] | None = None) -> None:
     """Run until SIGTERM/SIGINT or `stop` is set, then let in-flight requests finish and stop."""
     gateway = Gateway(settings, env)
+    admin_key = gateway.team_edition_start()
+    if admin_key:
+        print(f"tokligence: created the first admin (admin@localhost); its API key, shown only once:\n"
+              f"  {admin_key}", flush=True)
     server = HTTPServer(gateway.handle, settings, gateway.protocol_error)
-    addresses = await server.start(settings.host, settings.port)
+    try:
+        addresses = await server.start(settings.host, settings.port)
+    except OSError:
+        gateway.close()
+        raise
     for host, port in addresses:
-        log.info("tokligence %s listening on http://%s:%d (providers: %s)", __version__, host, port,
-                 ", ".join(gateway.router.upstreams))
+        log.info("tokligence %s listening on http://%s:%d (providers: %s; auth %s)", __version__, host, port,
+                 ", ".join(gateway.router.upstreams), "off" if settings.auth_disabled else "on")
+    if settings.auth_disabled and not is_loopback_name(host_name(settings.host)):
+        log.warning("auth is off but the gateway listens on %s: anyone who can reach it can spend your "
+                    "provider keys (requests are still refused unless their Host is loopback or in "
+                    "allowed_hosts); turn auth on or bind 127.0.0.1", settings.host)
     if ready:
         ready(gateway, addresses)
     loop = asyncio.get_running_loop()
@@ -5431,7 +5818,7 @@ async def serve(settings: Settings, env: dict[str, str], stop: asyncio.Event | N
     finally:
         reload_task.cancel()
         await server.shutdown(settings.shutdown_grace)
-        gateway.pool.close()
+        gateway.close()
 
 
 async def _reload_aliases(router: Router, every: float = 5.0) -> None:

@@ -1,13 +1,9 @@
 """Mock upstream LLM providers for the test-suite.
 
 `MockUpstream` is a real HTTP/1.1 server (asyncio + h11, in a background thread) that speaks the wire
-formats of the providers the gateway talks to -- OpenAI Chat Completions, embeddings and models,
-Anthropic Messages (+ count_tokens) and OpenAI Responses -- including their error bodies and SSE
-streams, byte-for-byte in the shapes the official SDKs and the Claude Code / Codex CLIs accept
-(see /work/shared/fixtures for captured streams).
-
-Replies are scripted with wire-neutral *specs* (plain dicts, see `Reply.build` and the fault keys in
-`MockUpstream._answer`); every wire renders the same spec in its own format:
+formats the gateway talks to -- OpenAI Chat Completions, embeddings and models, Anthropic Messages
+(+ count_tokens) and OpenAI Responses -- with their error bodies and SSE streams, in the shapes the
+official SDKs and the Claude Code / Codex CLIs accept (see the captured streams in /work/shared/fixtures).
 
     with MockUpstream() as mock:
         mock.enqueue({"text": "Hello", "usage": {"input": 10, "output": 2}})
@@ -15,6 +11,24 @@ Replies are scripted with wire-neutral *specs* (plain dicts, see `Reply.build` a
         client = openai.OpenAI(base_url=mock.base_url + "/v1", api_key="x")
         ...
         assert mock.requests[0].json["model"] == "gpt-4o-mini"
+
+Replies are scripted with wire-neutral specs (dicts); each wire renders a spec in its own format.
+Content keys (all optional; {} echoes the last user text):
+    text, reasoning, refusal: str
+    tool_calls: [{"name", "arguments": JSON str or dict, "id"?, "custom"?: bool (Responses custom_tool_call)}]
+    finish: "stop" | "tool_calls" | "length" | "content_filter" or Anthropic's end_turn / tool_use / max_tokens /
+            refusal (mapped per wire; default tool_calls when there are tool calls, else stop)
+    usage: {"input" (uncached), "output", "cached", "cache_creation", "reasoning"} -- missing ones computed
+    deltas: pieces each text / reasoning / arguments is streamed in (default 3)
+    signature: Anthropic thinking signature (= Responses reasoning encrypted_content)
+    model: overrides the echoed request model
+Fault keys:
+    status (+ error: {"message", "type", "code", "param"} over the wire's default error body) or a raw
+    body (str / bytes / JSON value, status default 200); headers: added to any reply;
+    fault: slow_first_byte (delay=1.0 s) | cut_stream (after=1 deltas; non-streaming: half the body) |
+           garbage | slow_stream (interval=0.05 s, deltas=200) | gzip |
+           error_event (after=1 deltas, error: {...} over the wire's mid-stream error);
+    interval: seconds between the events of any stream.
 """
 
 from __future__ import annotations
@@ -228,6 +242,7 @@ class Reply:
 
     @classmethod
     def build(cls, spec: Spec, body: dict, stream: bool) -> "Reply":
+        """The reply `spec` (see the module docstring) scripts for a request with this `body`."""
         slow = spec.get("fault") == "slow_stream"
         deltas = int(spec.get("deltas", 200 if slow else 3))
         calls = [ToolCall.from_spec(call) for call in spec.get("tool_calls", [])]
@@ -288,8 +303,8 @@ class Wire:
     def events(self, reply: Reply) -> list[SseEvent]:
         raise NotImplementedError
 
-    def stream_error(self, reply: Reply, sent: int) -> list[SseEvent]:
-        """The mid-stream error, after `sent` events of `events(reply)`."""
+    def stream_error(self, reply: Reply, sent: int, error: dict) -> list[SseEvent]:
+        """The mid-stream error (`error` overriding its fields), after `sent` events of `events(reply)`."""
         raise NotImplementedError
 
 
@@ -314,10 +329,6 @@ class OpenAIWire(Wire):
         kind, code, message = OPENAI_ERRORS.get(
             status, ("server_error" if status >= 500 else "invalid_request_error", None, f"HTTP {status}"))
         return {"error": {"message": message, "type": kind, "param": None, "code": code, **error}}
-
-    @staticmethod
-    def openai_error(message: str) -> dict:
-        return {"message": message, "type": "server_error", "param": None, "code": None}
 
 
 class ChatWire(OpenAIWire):
@@ -369,9 +380,8 @@ class ChatWire(OpenAIWire):
             out.append(SseEvent(None, {**head, "choices": [], "usage": self._usage(reply.usage)}))
         return out + [SseEvent(None, "[DONE]")]
 
-    def stream_error(self, reply: Reply, sent: int) -> list[SseEvent]:
-        return [SseEvent(None, {"error": self.openai_error("The server had an error while processing your "
-                                                          "request. Sorry about that!")})]
+    def stream_error(self, reply: Reply, sent: int, error: dict) -> list[SseEvent]:
+        return [SseEvent(None, self.error_body(500, error, ""))]
 
 
 class EmbeddingsWire(OpenAIWire):
@@ -493,8 +503,9 @@ class MessagesWire(Wire):
                          usage={"output_tokens": reply.usage.output}))
         return out + [event("message_stop")]
 
-    def stream_error(self, reply: Reply, sent: int) -> list[SseEvent]:
-        return [SseEvent("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})]
+    def stream_error(self, reply: Reply, sent: int, error: dict) -> list[SseEvent]:
+        body = self.error_body(529, error, "")
+        return [SseEvent("error", {"type": "error", "error": body["error"]})]
 
 
 class CountTokensWire(MessagesWire):
@@ -603,8 +614,9 @@ class ResponsesWire(OpenAIWire):
                                                              self._usage(reply.usage)))
         return out
 
-    def stream_error(self, reply: Reply, sent: int) -> list[SseEvent]:
-        error = {"code": "server_error", "message": "The server had an error while processing your request."}
+    def stream_error(self, reply: Reply, sent: int, error: dict) -> list[SseEvent]:
+        error = {"code": "server_error", "message": "The server had an error while processing your request.",
+                 **error}
         response = self._response(reply, "failed", [], None, error)
         return [SseEvent("response.failed", {"type": "response.failed", "sequence_number": sent,
                                              "response": response})]
@@ -631,6 +643,7 @@ class _Link:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.h11 = h11.Connection(h11.SERVER)
+        self.head_request = False              # HEAD: replies carry headers only
         self.gone = asyncio.Event()
         self._writer = writer
         self._readable = asyncio.Event()
@@ -662,6 +675,7 @@ class _Link:
                 await self._readable.wait()
             elif isinstance(event, h11.Request):
                 request = event
+                self.head_request = event.method == b"HEAD"
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
@@ -769,7 +783,7 @@ class MockUpstream:
             return
         self._closed = True
         try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=1)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=0.5)
         except (concurrent.futures.TimeoutError, RuntimeError):
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -881,14 +895,7 @@ class MockUpstream:
         await self._answer(link, wire, request, self._next_spec(request) if wire.scripted else {})
 
     async def _answer(self, link: _Link, wire: Wire, request: RecordedRequest, spec: Spec) -> None:
-        """Render `spec` on `wire`, applying its faults.
-
-        Fault keys: "status" (+ "error": {"message", "type", "code", "param"} merged into the wire's error
-        body) or a raw "body" (str / bytes / JSON value); "headers" (added to any reply);
-        "fault": slow_first_byte ("delay", default 1.0 s) | cut_stream ("after" deltas, default 1) |
-        garbage | slow_stream ("interval" default 0.05 s, "deltas" default 200) | gzip |
-        error_event ("after" deltas, default 1). "interval" paces any stream.
-        """
+        """Render `spec` on `wire`, applying its fault keys (see the module docstring)."""
         fault = spec.get("fault")
         request_id = _new_id("req_")
         headers = {wire.request_id_header: request_id,
@@ -905,7 +912,8 @@ class MockUpstream:
                                                 **headers}, GARBAGE)
         if fault == "error_event" and not reply.stream:
             status = wire.fault_status
-            return await self._send(link, status, headers, wire.error_body(status, {}, request_id))
+            return await self._send(link, status, headers, wire.error_body(status, spec.get("error") or {},
+                                                                            request_id))
         if reply.stream:
             return await self._stream(link, wire, reply, spec, headers)
         await self._send(link, 200, headers, wire.body(reply), compress=fault == "gzip", cut=fault == "cut_stream")
@@ -922,7 +930,8 @@ class MockUpstream:
         if cut:
             await link.write(_response_head(status, headers), h11.Data(data=data[: len(data) // 2]))
             return link.close()
-        await link.write(_response_head(status, headers), h11.Data(data=data), h11.EndOfMessage())
+        await link.write(_response_head(status, headers), h11.Data(data=b"" if link.head_request else data),
+                         h11.EndOfMessage())
 
     @staticmethod
     async def _stream(link: _Link, wire: Wire, reply: Reply, spec: Spec, headers: dict[str, str]) -> None:
@@ -946,8 +955,8 @@ class MockUpstream:
             if stop_after is not None and (last or (event.delta and counted == stop_after)):
                 if fault == "cut_stream":                 # no terminal event, no final chunk
                     return link.close()
-                return await link.write(h11.Data(data=encode(wire.stream_error(reply, index), True)),
-                                        h11.EndOfMessage())
+                failure = wire.stream_error(reply, index, spec.get("error") or {})
+                return await link.write(h11.Data(data=encode(failure, True)), h11.EndOfMessage())
             if index and interval:
                 await link.pause(interval)
             if last:

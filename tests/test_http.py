@@ -61,7 +61,7 @@ def test_pipelined_requests_are_answered_in_order(gateway_factory):
 def test_expect_100_continue_gets_an_interim_response(gateway_factory):
     gw = gateway_factory()
     body = chat_body("continued")
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
             "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
         sock.sendall(head)
@@ -75,7 +75,7 @@ def test_expect_100_continue_gets_an_interim_response(gateway_factory):
 
 def test_body_over_the_limit_gets_413_in_openai_shape_before_it_is_sent(gateway_factory):
     gw = gateway_factory("[gateway]\nmax_body_bytes = 1000\n")
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
             b"Expect: 100-continue\r\n\r\n")
     reply = raw_exchange(gw.port, head)
     assert reply.startswith(b"HTTP/1.1 413")
@@ -86,7 +86,7 @@ def test_body_over_the_limit_gets_413_in_openai_shape_before_it_is_sent(gateway_
 def test_chunked_body_over_the_limit_gets_413(gateway_factory):
     gw = gateway_factory("[gateway]\nmax_body_bytes = 1000\n")
     chunk = b"x" * 600
-    data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
             + b"258\r\n" + chunk + b"\r\n" + b"258\r\n" + chunk + b"\r\n0\r\n\r\n")
     assert raw_exchange(gw.port, data).startswith(b"HTTP/1.1 413")
 
@@ -94,13 +94,13 @@ def test_chunked_body_over_the_limit_gets_413(gateway_factory):
 def test_malformed_http_gets_400_and_the_server_keeps_serving(gateway_factory):
     gw = gateway_factory()
     assert raw_exchange(gw.port, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400")
-    assert b"200 OK" in raw_exchange(gw.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"200 OK" in raw_exchange(gw.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
 
 
 def test_slow_headers_time_out_with_408(gateway_factory):
     gw = gateway_factory("[gateway]\nheader_timeout = 0.3\n")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         started = time.monotonic()
         reply = sock.recv(65536)
     assert reply.startswith(b"HTTP/1.1 408")
@@ -110,7 +110,7 @@ def test_slow_headers_time_out_with_408(gateway_factory):
 def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(gateway_factory):
     gw = gateway_factory("[gateway]\nidle_timeout = 0.3\n")
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         time.sleep(0.1)
         assert b"200 OK" in sock.recv(65536)
         assert sock.recv(65536) == b""      # closed by the server, quietly

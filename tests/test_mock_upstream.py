@@ -232,6 +232,11 @@ def test_embeddings_models_and_unknown_routes(mock: MockUpstream) -> None:
     with pytest.raises(openai.NotFoundError) as raised:
         oai(mock).post("/nope", cast_to=object, body={})
     assert raised.value.body["message"] == "Invalid URL (POST /v1/nope)"
+    conn = http.client.HTTPConnection("127.0.0.1", mock.port, timeout=5)
+    conn.request("HEAD", "/")                 # Claude Code's connectivity probe
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (404, b"")
+    conn.close()
 
 
 def test_queue_is_fifo_across_wires_then_handler(mock: MockUpstream) -> None:
@@ -312,8 +317,8 @@ def test_error_events_in_each_wire(mock: MockUpstream) -> None:
             stream.get_final_message()
     assert raised.value.body["error"]["type"] == "overloaded_error"
 
-    mock.enqueue({"fault": "error_event"})
-    with pytest.raises(openai.APIError, match="server had an error"):
+    mock.enqueue({"fault": "error_event", "error": {"message": "boom"}})
+    with pytest.raises(openai.APIError, match="boom"):
         list(oai(mock).chat.completions.create(model="m", messages=USER, stream=True))
 
     mock.enqueue({"fault": "error_event"})

@@ -39,7 +39,7 @@ def test_client_disconnect_mid_stream_closes_the_upstream_and_the_gateway_keeps_
     mock.enqueue({"fault": "slow_stream", "interval": 0.05, "deltas": 200})
     body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "long"}]}).encode()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert b"200 OK" in sock.recv(65536)
         time.sleep(0.2)

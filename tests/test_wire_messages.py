@@ -1,6 +1,5 @@
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -163,7 +162,7 @@ def test_server_tools_are_skipped_and_reported():
         {"type": "custom", "name": "lookup", "input_schema": {"type": "object"}}])
     conv = messages_parse_request(body)
     assert [tool.name for tool in conv.tools] == ["get_weather", "lookup"]
-    assert messages_unportable_tools(body) == ["web_search", "bash"]
+    assert conv.unportable_tools == ["web_search", "bash"]
 
 
 def test_server_tool_blocks_in_history_are_dropped():

@@ -1,7 +1,6 @@
 import base64
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -144,8 +143,7 @@ def declared_tools(body: dict) -> list[tuple[str, str, dict]]:
 @pytest.mark.parametrize("name", REQUEST_FIXTURES)
 def test_every_codex_request_reaches_the_conversation(name):
     body = fixture_body(name)
-    parsed = responses_read_request(body)
-    conv = parsed.conversation
+    conv = responses_parse_request(body)
     assert conv.model == body["model"] and conv.stream is True
     assert conv.reasoning_effort == body["reasoning"]["effort"]
     assert conv.tool_choice == "auto" and conv.parallel_tool_calls == body["parallel_tool_calls"]
@@ -153,7 +151,7 @@ def test_every_codex_request_reaches_the_conversation(name):
     tools = {tool.name: tool for tool in conv.tools}
     declared = declared_tools(body)
     assert len(tools) == len(declared)
-    reverse = {original: flat for flat, original in parsed.name_map.items()}
+    reverse = {original: flat for flat, original in conv.tool_namespaces.items()}
     for namespace, tool_name, spec in declared:
         sent = reverse[(namespace, tool_name)] if namespace else tool_name
         assert PROVIDER_NAME.match(sent)
@@ -203,12 +201,11 @@ def test_every_codex_request_renders_back_for_a_responses_provider(name):
 
 @needs_fixtures
 def test_namespace_tools_flatten_to_reversible_provider_safe_names():
-    parsed = responses_read_request(fixture_body("codex_default_gpt62sol_request2_responses_lite.json"))
-    conv = parsed.conversation
+    conv = responses_parse_request(fixture_body("codex_default_gpt62sol_request2_responses_lite.json"))
     exec_tool = next(t for t in conv.tools if t.name == "functions__exec")
     assert exec_tool.custom and exec_tool.format["type"] == "grammar"
-    assert parsed.name_map["functions__exec"] == ("functions", "exec")
-    assert parsed.name_map["clock__sleep"] == ("clock", "sleep")
+    assert conv.tool_namespaces["functions__exec"] == ("functions", "exec")
+    assert conv.tool_namespaces["clock__sleep"] == ("clock", "sleep")
     call = conv.messages[1].parts[0]
     assert call == ToolCall("call_d1789f314103466d99c48060", "functions__exec", call.arguments, True)
     result = conv.messages[2].parts[0]
@@ -221,11 +218,11 @@ def test_unsafe_or_long_namespaced_names_stay_valid_unique_and_reversible():
     body = {"model": "m", "tools": [{"type": "namespace", "name": "my.ns", "description": "", "tools": [
         {"type": "function", "name": long_name}, {"type": "function", "name": long_name + "x"},
         {"type": "function", "name": "run"}]}]}
-    parsed = responses_read_request(body)
-    names = [t.name for t in parsed.conversation.tools]
+    conv = responses_parse_request(body)
+    names = [t.name for t in conv.tools]
     assert len(set(names)) == 3 and all(PROVIDER_NAME.match(n) for n in names)
     assert "my_ns__run" in names
-    assert sorted(parsed.name_map.values()) == sorted([("my.ns", long_name), ("my.ns", long_name + "x"),
+    assert sorted(conv.tool_namespaces.values()) == sorted([("my.ns", long_name), ("my.ns", long_name + "x"),
                                                        ("my.ns", "run")])
 
 
@@ -244,9 +241,9 @@ def test_history_calls_resolve_with_or_without_their_namespace():
 
 @needs_fixtures
 def test_builtin_tools_are_skipped_and_named_for_logging():
-    parsed = responses_read_request(fixture_body("codex_full_request_gpt55_turn1.json"))
-    assert parsed.skipped_tools == ["tool_search", "web_search"]
-    assert "web_search" not in {t.name for t in parsed.conversation.tools}
+    conv = responses_parse_request(fixture_body("codex_full_request_gpt55_turn1.json"))
+    assert conv.unportable_tools == ["tool_search", "web_search"]
+    assert "web_search" not in {t.name for t in conv.tools}
 
 
 @needs_fixtures
