@@ -63,8 +63,8 @@ log = logging.getLogger("tokligence")
 class GatewayError(Exception):
     """An error with an HTTP status, a neutral kind and a message.
 
-    kind is one of: invalid_request, authentication, permission, not_found, method_not_allowed,
-    rate_limit, overloaded, api_error (upstream or server fault), timeout, too_large.
+    kind is one of: invalid_request, authentication, permission, not_found, rate_limit, overloaded,
+    api_error (upstream or server fault), timeout, too_large.
     Each client wire renders it in its own shape (the <wire>_error_body functions).
     """
 
@@ -1594,6 +1594,17 @@ class UpstreamProfile:
 
 
 
+ERROR_KINDS_BY_STATUS = {400: "invalid_request", 401: "authentication", 402: "permission", 403: "permission",
+                         404: "not_found", 405: "invalid_request", 408: "timeout", 413: "too_large",
+                         422: "invalid_request", 429: "rate_limit", 503: "overloaded", 504: "timeout",
+                         529: "overloaded"}
+
+
+def error_kind_for_status(status: int) -> str:
+    """The neutral kind of an upstream's HTTP error status."""
+    return ERROR_KINDS_BY_STATUS.get(status) or ("api_error" if status >= 500 else "invalid_request")
+
+
 def new_id(prefix: str) -> str:
     """Random id with a wire's prefix (chatcmpl-, msg_, resp_, call_, toolu_ …); tests may patch it."""
     return prefix + secrets.token_hex(12)
@@ -2143,19 +2154,10 @@ _CHAT_ERROR_TYPES: dict[str, tuple[str, str | None]] = {
     "api_error": ("server_error", None),
     "timeout": ("server_error", None),
 }
-_CHAT_KIND_BY_STATUS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
-                   408: "timeout", 413: "too_large", 422: "invalid_request", 429: "rate_limit",
-                   503: "overloaded", 504: "timeout", 529: "overloaded"}
-
-
 def chat_error_body(err: GatewayError) -> dict[str, Any]:
     error_type, default_code = _CHAT_ERROR_TYPES.get(err.kind, ("server_error", None))
     return {"error": {"message": err.message, "type": error_type, "param": err.param,
                       "code": err.code or default_code}}
-
-
-def _chat_kind_for_status(status: int) -> str:
-    return _CHAT_KIND_BY_STATUS.get(status) or ("invalid_request" if status < 500 else "api_error")
 
 
 def _chat_error_from_payload(payload: Any, raw: str, status: int | None = None) -> GatewayError:
@@ -2173,7 +2175,7 @@ def _chat_error_from_payload(payload: Any, raw: str, status: int | None = None) 
         fallback = raw.strip()[:500] or f"upstream returned HTTP {status}"
         message = error if isinstance(error, str) and error else fallback
     param = details.get("param")
-    return GatewayError(status, _chat_kind_for_status(status), message,
+    return GatewayError(status, error_kind_for_status(status), message,
                         param=param if isinstance(param, str) else None,
                         code=code if isinstance(code, str) else None)
 
@@ -2504,13 +2506,6 @@ def messages_error_body(err: GatewayError) -> dict:
                                        "message": err.message}}
 
 
-def _msg_kind_for_status(status: int) -> str:
-    for kind, _, known in _MSG_ERRORS:
-        if known == status:
-            return kind
-    return "api_error" if status >= 500 else "invalid_request"
-
-
 def messages_parse_error(status: int, body: bytes) -> GatewayError:
     """An Anthropic error response (or whatever a compatible server sent) as a GatewayError."""
     try:
@@ -2518,7 +2513,7 @@ def messages_parse_error(status: int, body: bytes) -> GatewayError:
     except ValueError:
         payload = None
     error = payload.get("error") if isinstance(payload, dict) else None
-    kind, message = _msg_kind_for_status(status), None
+    kind, message = error_kind_for_status(status), None
     if isinstance(error, dict):
         kind = _MSG_ERROR_BY_TYPE.get(error.get("type"), (kind, status))[0]
         message = error.get("message")
@@ -4162,40 +4157,6 @@ class ResponsesStreamEncoder:
         return out + self._event("response.output_item.done", output_index=self._ids["output_index"], item=item)
 
 
-# ---- errors ----------------------------------------------------------------------------------
-_RESPONSES_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
-                "permission": "permission_error", "not_found": "not_found_error",
-                "rate_limit": "rate_limit_error", "overloaded": "server_error", "api_error": "server_error",
-                "timeout": "timeout_error", "too_large": "invalid_request_error"}
-
-_RESPONSES_STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
-                 408: "timeout", 413: "too_large", 429: "rate_limit", 503: "overloaded", 504: "timeout",
-                 529: "overloaded"}
-
-
-def responses_error_body(err: GatewayError) -> dict:
-    return {"error": {"message": err.message, "type": _RESPONSES_ERROR_TYPES.get(err.kind, "server_error"),
-                      "param": err.param, "code": err.code}}
-
-
-def responses_parse_error(status: int, body: bytes) -> GatewayError:
-    """A provider's error response; tolerates bare-string errors and non-JSON bodies."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        payload = None
-    error = payload.get("error") if isinstance(payload, dict) else None
-    kind = _RESPONSES_STATUS_KINDS.get(status) or ("api_error" if status >= 500 else "invalid_request")
-    if isinstance(error, dict):
-        code, param = error.get("code"), error.get("param")
-        return GatewayError(status, kind, str(error.get("message") or f"upstream returned HTTP {status}"),
-                            param=param if isinstance(param, str) else None,
-                            code=None if code is None else str(code))
-    if isinstance(error, str):
-        return GatewayError(status, kind, error)
-    text = body.decode(errors="replace").strip()[:1000]
-    return GatewayError(status, kind, text or f"upstream returned HTTP {status}")
-
 # ================================================================================================
 # HTTP
 # The h11 server (keep-alive, pipelining, 100-continue, limits, timeouts, graceful shutdown) and the
@@ -5026,9 +4987,9 @@ WIRES: dict[str, Wire] = {
         lambda reply, conv, body: responses_render_response(reply, request=body, name_map=conv.tool_namespaces),
         lambda: ResponsesStreamDecoder(),
         lambda conv, body, model: ResponsesStreamEncoder(model, request=body, name_map=conv.tool_namespaces),
-        responses_error_body, responses_parse_error,
+        chat_error_body, chat_parse_error,      # the Responses API errs in the Chat API's shape
         lambda body: responses_parse_usage(body.get("usage") or {}), _responses_usage_of_event,
-        lambda err: sse_event("error", {"type": "error", **responses_error_body(err)["error"]})),
+        lambda err: sse_event("error", {"type": "error", **chat_error_body(err)["error"]})),
 }
 
 
@@ -5197,7 +5158,7 @@ class Gateway:
             if methods is None:
                 raise GatewayError(404, "not_found", f"no such endpoint: {request.method} {request.path}")
             if request.method not in methods:
-                raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}",
+                raise GatewayError(405, "invalid_request", f"{request.method} is not allowed on {request.path}",
                                    headers={"allow": ", ".join(methods)})
             if self.keys is None:
                 self.check_host(request)
@@ -5735,7 +5696,8 @@ class Gateway:
     async def health(self, request: Request, responder: Responder) -> None:
         payload = {"status": "ok", "version": __version__, "uptime_s": round(time.time() - self.started, 3),
                    "providers": [{"name": u.name, "wire": u.wire, "base_url": u.provider.base_url}
-                                 for u in self.router.upstreams.values()]}
+                                 for u in self.router.upstreams.values()],
+                   "loops": self.loops}
         await responder.respond(200, JSON_HEADERS, json.dumps(payload).encode())
 
     async def head(self, request: Request, responder: Responder) -> None:

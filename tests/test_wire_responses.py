@@ -814,26 +814,3 @@ def test_encoder_opens_the_stream_even_without_a_start_event():
     raw, _ = encode([StreamFailure(GatewayError(502, "api_error", "upstream down"))])
     types = [p["type"] for p in check_responses_sse(raw)]
     assert types == ["response.created", "response.in_progress", "response.failed"]
-
-
-# ---- errors ------------------------------------------------------------------------------------
-def test_error_body_has_the_openai_shape():
-    err = GatewayError(400, "invalid_request", "Missing required parameter: 'model'.", param="model")
-    assert responses_error_body(err) == {"error": {"message": "Missing required parameter: 'model'.",
-                                                   "type": "invalid_request_error", "param": "model", "code": None}}
-    assert responses_error_body(GatewayError(503, "overloaded", "busy"))["error"]["type"] == "server_error"
-
-
-@pytest.mark.parametrize("status, body, kind, message, code", [
-    (400, b'{"error":{"message":"bad","type":"invalid_request_error","param":"input","code":"invalid_value"}}',
-     "invalid_request", "bad", "invalid_value"),
-    (401, b'{"error":{"message":"Incorrect API key","code":"invalid_api_key"}}', "authentication",
-     "Incorrect API key", "invalid_api_key"),
-    (404, b'{"error":"model \\"x\\" not found"}', "not_found", 'model "x" not found', None),
-    (429, b'{"error":{"message":"slow","code":429}}', "rate_limit", "slow", "429"),
-    (500, b"<html>oops</html>", "api_error", "<html>oops</html>", None),
-    (503, b"", "overloaded", "upstream returned HTTP 503", None),
-])
-def test_parse_error_reads_openai_json_and_other_bodies(status, body, kind, message, code):
-    err = responses_parse_error(status, body)
-    assert (err.status, err.kind, err.message, err.code) == (status, kind, message, code)
