@@ -1662,29 +1662,100 @@ class ReplyCollector:
             reply.usage = event.usage
         elif isinstance(event, StreamFailure):
             self.failure = event.error
-CHAT_CUSTOM_INPUT = "input"
-_CHAT_CUSTOM_TOOL_PARAMETERS: dict[str, Any] = {
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+_SCHEMA_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+_SCHEMA_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
+
+
+def strip_schema(node: Any, drop: frozenset[str]) -> Any:
+    """A JSON schema without the keywords in drop (those a provider rejects). Property names and
+    literal values (enum, default …) are data, not keywords, so they are never stripped."""
+    if not drop:
+        return node
+    if isinstance(node, list):
+        return [strip_schema(item, drop) for item in node]
+    if not isinstance(node, dict):
+        return node
+    stripped: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in drop:
+            continue
+        if key in _SCHEMA_DATA_KEYS:
+            stripped[key] = value
+        elif key in _SCHEMA_NAME_MAPS and isinstance(value, dict):
+            stripped[key] = {name: strip_schema(sub, drop) for name, sub in value.items()}
+        else:
+            stripped[key] = strip_schema(value, drop)
+    return stripped
+
+
+# ---- custom (freeform) tools on wires that only have functions ---------------------------------
+# Chat and Messages providers get a Responses custom tool as a function taking one string, and its
+# calls come back as {"input": "<raw text>"}; CustomToolUnbridge turns them back into custom calls.
+CUSTOM_TOOL_INPUT = "input"
+CUSTOM_TOOL_PARAMETERS: dict[str, Any] = {
     "type": "object",
-    "properties": {CHAT_CUSTOM_INPUT: {"type": "string"}},
-    "required": [CHAT_CUSTOM_INPUT],
+    "properties": {CUSTOM_TOOL_INPUT: {"type": "string"}},
+    "required": [CUSTOM_TOOL_INPUT],
 }
+
+
+def bridge_custom_input(text: str) -> str:
+    """A custom tool's raw input as the JSON arguments of its bridging function."""
+    return compact_json({CUSTOM_TOOL_INPUT: text})
+
+
+def unbridge_custom_input(arguments: str) -> str:
+    """The raw input inside a bridging function's arguments (the arguments themselves if not bridged)."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(value, dict) and isinstance(value.get(CUSTOM_TOOL_INPUT), str):
+        return value[CUSTOM_TOOL_INPUT]
+    return arguments
+
+
+class CustomToolUnbridge:
+    """A stream filter: calls of the named custom tools become custom calls with their raw input.
+    The arguments are held until the call ends, since a JSON string cannot be unescaped piecewise."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+        self.held: dict[int, list[str]] = {}
+
+    def feed(self, event: Event) -> list[Event]:
+        if isinstance(event, BlockStart) and isinstance(event.part, ToolCall) and event.part.name in self.names:
+            self.held[event.index] = []
+            return [BlockStart(event.index, ToolCall(event.part.id, event.part.name, "", custom=True))]
+        if isinstance(event, Delta) and event.index in self.held:
+            self.held[event.index].append(event.text)
+            return []
+        if isinstance(event, BlockEnd) and event.index in self.held:
+            raw = unbridge_custom_input("".join(self.held.pop(event.index)))
+            return [Delta(event.index, raw, "arguments"), event]
+        return [event]
+
+    def reply(self, reply: Reply) -> Reply:
+        for part in reply.parts:
+            if isinstance(part, ToolCall) and part.name in self.names and not part.custom:
+                part.custom, part.arguments = True, unbridge_custom_input(part.arguments)
+        return reply
+
+
 # Chat content is one string on many providers, so neutral parts of one kind are joined with this.
 _CHAT_PART_SEPARATOR = "\n\n"
-
-
-def _chat_compact_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _chat_string(obj: dict, key: str) -> str:
     """obj[key] when it is a string, else "" (for upstream bodies, which are read leniently)."""
     value = obj.get(key)
     return value if isinstance(value, str) else ""
-
-
-def _chat_bridge_custom_input(text: str) -> str:
-    """A custom tool's raw input as the JSON arguments of its bridging function."""
-    return _chat_compact_json({CHAT_CUSTOM_INPUT: text})
 
 
 # ---- request validation ----------------------------------------------------------------------
@@ -1935,40 +2006,11 @@ def chat_parse_request(body: dict) -> Conversation:
 
 
 # ---- request rendering -----------------------------------------------------------------------
-_CHAT_SCHEMA_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
-_CHAT_SCHEMA_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
-
-
-def _chat_strip_schema(node: Any, drop: frozenset[str]) -> Any:
-    """A copy of a JSON schema without the keywords in drop. Property names and literal values
-    (enum, default …) are data, not keywords, so they are never stripped."""
-    if isinstance(node, list):
-        return [_chat_strip_schema(item, drop) for item in node]
-    if not isinstance(node, dict):
-        return node
-    stripped: dict[str, Any] = {}
-    for key, value in node.items():
-        if key in drop:
-            continue
-        if key in _CHAT_SCHEMA_DATA_KEYS:
-            stripped[key] = value
-        elif key in _CHAT_SCHEMA_NAME_MAPS and isinstance(value, dict):
-            stripped[key] = {name: _chat_strip_schema(sub, drop) for name, sub in value.items()}
-        else:
-            stripped[key] = _chat_strip_schema(value, drop)
-    return stripped
-
-
-def _chat_render_schema(schema: dict[str, Any], drop: frozenset[str]) -> dict[str, Any]:
-    return _chat_strip_schema(schema, drop) if drop else schema
-
-
 def _chat_render_tool(tool: Tool, drop: frozenset[str]) -> dict[str, Any]:
     function: dict[str, Any] = {"name": tool.name}
     if tool.description:
         function["description"] = tool.description
-    parameters = _CHAT_CUSTOM_TOOL_PARAMETERS if tool.custom else tool.parameters
-    function["parameters"] = _chat_render_schema(parameters, drop)
+    function["parameters"] = strip_schema(CUSTOM_TOOL_PARAMETERS if tool.custom else tool.parameters, drop)
     return {"type": "function", "function": function}
 
 
@@ -2037,7 +2079,7 @@ def _chat_render_tool_call(call: ToolCall, bridge_custom: bool) -> dict[str, Any
     chat's own custom shape (clients that declared custom tools)."""
     if call.custom and not bridge_custom:
         return {"id": call.id, "type": "custom", "custom": {"name": call.name, "input": call.arguments}}
-    arguments = _chat_bridge_custom_input(call.arguments) if call.custom else call.arguments or "{}"
+    arguments = bridge_custom_input(call.arguments) if call.custom else call.arguments or "{}"
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
@@ -2058,7 +2100,7 @@ def _chat_render_response_format(response_format: dict[str, Any], drop: frozense
         return {"type": response_format["type"]}
     return {"type": "json_schema",
             "json_schema": {"name": response_format["name"],
-                            "schema": _chat_render_schema(response_format["schema"], drop),
+                            "schema": strip_schema(response_format["schema"], drop),
                             "strict": response_format["strict"]}}
 
 
@@ -2427,7 +2469,7 @@ class ChatStreamEncoder:
     """
 
     def __init__(self, model: str, include_usage: bool, id: str | None = None, created: int | None = None):
-        head = _chat_compact_json({"id": id or new_id("chatcmpl-"), "object": "chat.completion.chunk",
+        head = compact_json({"id": id or new_id("chatcmpl-"), "object": "chat.completion.chunk",
                               "created": int(time.time()) if created is None else created, "model": model})
         self._head = head[:-1]                                   # the object still open for "choices"
         self._prefix = self._head + ',"choices":[{"index":0,"delta":'
@@ -2462,7 +2504,7 @@ class ChatStreamEncoder:
             out = sse_event(None, f'{self._prefix}{{}},"logprobs":null,"finish_reason":"{reason}"}}]'
                                   f'{self._usage_tail}')
             if self._include_usage:
-                usage = _chat_compact_json(_chat_render_usage(event.usage))
+                usage = compact_json(_chat_render_usage(event.usage))
                 out += sse_event(None, f'{self._head},"choices":[],"usage":{usage}}}')
             return out + sse_event(None, "[DONE]")
         if isinstance(event, StreamFailure):
@@ -2476,11 +2518,7 @@ class ChatStreamEncoder:
         kind, key = ("custom", "input") if call.custom else ("function", "arguments")
         self._arguments_key = f'{{"tool_calls":[{{"index":{index},"{kind}":{{"{key}":'
         first = {"index": index, "id": call.id, "type": kind, kind: {"name": call.name, key: ""}}
-        return self._chunk(f'{{"tool_calls":[{_chat_compact_json(first)}]}}')
-def _msg_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
+        return self._chunk(f'{{"tool_calls":[{compact_json(first)}]}}')
 # ---- errors ----------------------------------------------------------------------------------
 # (neutral kind, Anthropic error type, HTTP status). billing_error comes before permission_error so
 # that rendering a "permission" error picks permission_error (the later row wins in the dict below).
@@ -2632,7 +2670,7 @@ def _msg_parse_block(block: Any, where: str) -> Part | None:
     if kind == "tool_use":
         arguments = _msg_get(block, "input", dict, where) or {}
         return ToolCall(_msg_need(block, "id", str, where), _msg_need(block, "name", str, where),
-                        _msg_json(arguments))
+                        compact_json(arguments))
     if kind == "tool_result":
         return ToolResult(_msg_need(block, "tool_use_id", str, where),
                           _msg_tool_result_content(block.get("content"), where + ".content"),
@@ -2771,7 +2809,7 @@ _MSG_MAX_INVALID_ARGUMENTS_SHOWN = 500
 def _msg_tool_input(call: ToolCall) -> dict | None:
     """A tool call's arguments as the tool_use input object; None when they are not a JSON object."""
     if call.custom:     # freeform tools are bridged as a tool taking {"input": "<raw text>"}
-        return {"input": call.arguments}
+        return {CUSTOM_TOOL_INPUT: call.arguments}
     if not call.arguments.strip():
         return {}
     try:
@@ -2884,41 +2922,11 @@ def _msg_clamp(tokens: int, cap: int | None) -> int:
     return tokens if cap is None else min(tokens, cap)
 
 
-_MSG_SCHEMA_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
-_MSG_SCHEMA_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
-
-
-def _msg_without_keys(schema: Any, keys: frozenset[str]) -> Any:
-    """A JSON schema minus the keywords a provider rejects; property names and literal values (enum,
-    default …) are data, not keywords, so they are never stripped."""
-    if isinstance(schema, list):
-        return [_msg_without_keys(item, keys) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    result = {}
-    for key, value in schema.items():
-        if key in keys:
-            continue
-        if key in _MSG_SCHEMA_DATA_KEYS:
-            result[key] = value
-        elif key in _MSG_SCHEMA_NAME_MAPS and isinstance(value, dict):
-            result[key] = {name: _msg_without_keys(sub, keys) for name, sub in value.items()}
-        else:
-            result[key] = _msg_without_keys(value, keys)
-    return result
-
-
-# A freeform (custom) tool travels as a tool taking one string; the responses wire unwraps it again.
-_MSG_CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
-                           "required": ["input"]}
-
-
 def _msg_render_tool(tool: Tool, drop_keys: frozenset[str]) -> dict:
-    schema = _MSG_CUSTOM_TOOL_SCHEMA if tool.custom else tool.parameters
     rendered: dict = {"name": tool.name}
     if tool.description:
         rendered["description"] = tool.description
-    rendered["input_schema"] = _msg_without_keys(schema, drop_keys) if drop_keys else schema
+    rendered["input_schema"] = strip_schema(CUSTOM_TOOL_PARAMETERS if tool.custom else tool.parameters, drop_keys)
     return rendered
 
 
@@ -2947,7 +2955,7 @@ def _msg_json_instruction(response_format: dict | None) -> list[str]:
         return []
     if response_format.get("type") == "json_schema" and response_format.get("schema") is not None:
         return ["Answer with only a JSON value (no prose, no code fence) that matches this JSON schema:\n"
-                + _msg_json(response_format["schema"])]
+                + compact_json(response_format["schema"])]
     if response_format.get("type") == "json_object":
         return ["Answer with only a valid JSON object (no prose, no code fence)."]
     return []
@@ -3584,15 +3592,6 @@ def responses_parse_request(body: dict) -> Conversation:
 
 
 # ---- request: neutral → Responses provider ---------------------------------------------------
-def _responses_strip_schema(schema: Any, keys: frozenset[str]) -> Any:
-    """A copy of a JSON schema without the keys a provider rejects."""
-    if isinstance(schema, dict):
-        return {k: _responses_strip_schema(v, keys) for k, v in schema.items() if k not in keys}
-    if isinstance(schema, list):
-        return [_responses_strip_schema(v, keys) for v in schema]
-    return schema
-
-
 def _responses_tool_spec(tool: Tool, drop: frozenset[str]) -> dict[str, Any]:
     if tool.custom:
         spec: dict[str, Any] = {"type": "custom", "name": tool.name, "description": tool.description}
@@ -3601,7 +3600,7 @@ def _responses_tool_spec(tool: Tool, drop: frozenset[str]) -> dict[str, Any]:
         return spec
     # Responses tools default to strict, which rejects most schemas written for other wires.
     return {"type": "function", "name": tool.name, "description": tool.description,
-            "parameters": _responses_strip_schema(tool.parameters, drop) if drop else tool.parameters, "strict": False}
+            "parameters": strip_schema(tool.parameters, drop), "strict": False}
 
 
 def _responses_image_input(image: Image) -> dict[str, Any]:
@@ -3688,7 +3687,7 @@ def responses_render_request(conv: Conversation, profile: UpstreamProfile) -> di
     if conv.response_format:
         fmt = conv.response_format
         if profile.drop_schema_keys and "schema" in fmt:
-            fmt = {**fmt, "schema": _responses_strip_schema(fmt["schema"], profile.drop_schema_keys)}
+            fmt = {**fmt, "schema": strip_schema(fmt["schema"], profile.drop_schema_keys)}
         body["text"] = {"format": fmt}
     if conv.user:
         body["safety_identifier"] = conv.user
@@ -5532,6 +5531,8 @@ class Gateway:
         remember_thinking = upstream.wire == "messages"
         if remember_thinking:
             self.thinking.restore(conv)
+        custom_tools = {tool.name for tool in conv.tools if tool.custom}
+        unbridge = CustomToolUnbridge(custom_tools) if custom_tools and upstream.wire != "responses" else None
         payload = json.dumps(provider.render_request(conv, upstream.profile), ensure_ascii=False).encode()
         response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire],
                                             self.upstream_headers(request, upstream, False), payload)
@@ -5549,6 +5550,8 @@ class Gateway:
             reply.model = ex.model_requested
             if remember_thinking:
                 self.thinking.remember(reply.parts)
+            if unbridge:
+                unbridge.reply(reply)
             await self.send_reply(ex, responder, conv, body, reply)   # a stream if the client asked
             return
         ex.status = 200
@@ -5566,38 +5569,36 @@ class Gateway:
                     if not chunk:
                         await self.send_chunk(ex, responder, encoder.ping())
                         continue
-                    out = []
-                    for sse in parser.feed(chunk):
-                        for event in decoder.feed(sse.event, sse.data):
-                            usage = self.note_event(ex, event, usage)
-                            if collector:
-                                collector.feed(event)
-                            out.append(encoder.feed(event))
+                    events = [event for sse in parser.feed(chunk) for event in decoder.feed(sse.event, sse.data)]
+                    usage, out = self.relay_events(ex, events, encoder, collector, unbridge, usage)
                     await self.keep_response(ex, body, encoder)
-                    await self.send_chunk(ex, responder, b"".join(out))
+                    await self.send_chunk(ex, responder, out)
             tail = decoder.close()
         except UpstreamError as exc:
             tail = [StreamFailure(GatewayError(502, "api_error", f"provider {upstream.name} failed "
                                                                  f"mid-stream: {exc}"))]
-        out = []
-        for event in tail:
-            usage = self.note_event(ex, event, usage)
-            if collector:
-                collector.feed(event)
-            out.append(encoder.feed(event))
+        usage, out = self.relay_events(ex, tail, encoder, collector, unbridge, usage)
         if collector:
             self.thinking.remember(collector.reply.parts)
         ex.usage = usage
         await self.keep_response(ex, body, encoder)
-        await self.send_chunk(ex, responder, b"".join(out))
+        await self.send_chunk(ex, responder, out)
         await responder.end()
 
-    def note_event(self, ex: Exchange, event: Event, usage: Usage) -> Usage:
-        if isinstance(event, (Start, Finish)):
-            return merge_usage(usage, event.usage)
-        if isinstance(event, StreamFailure):
-            ex.error_type = event.error.kind
-        return usage
+    def relay_events(self, ex: Exchange, events: list[Event], encoder: Any, collector: ReplyCollector | None,
+                     unbridge: CustomToolUnbridge | None, usage: Usage) -> tuple[Usage, bytes]:
+        """Decoded events encoded for the client, noting usage and failures on the way."""
+        out = []
+        for decoded in events:
+            for event in unbridge.feed(decoded) if unbridge else (decoded,):
+                if isinstance(event, (Start, Finish)):
+                    usage = merge_usage(usage, event.usage)
+                elif isinstance(event, StreamFailure):
+                    ex.error_type = event.error.kind
+                if collector:
+                    collector.feed(event)
+                out.append(encoder.feed(event))
+        return usage, b"".join(out)
 
     # ---- other endpoints -----------------------------------------------------------------------
     async def embeddings(self, request: Request, responder: Responder) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tokligence import *  # noqa: E402,F403
-from tokligence import CHAT_CUSTOM_INPUT  # noqa: E402
+from tokligence import CUSTOM_TOOL_INPUT  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"captured client traffic not found at {FIXTURES}")
@@ -363,11 +363,11 @@ def test_custom_tools_are_bridged_to_functions_with_one_string_input():
     body = chat_render_request(conv, PROFILE)
     assert body["tools"] == [{"type": "function", "function": {
         "name": "apply_patch", "description": "Patch files",
-        "parameters": {"type": "object", "properties": {CHAT_CUSTOM_INPUT: {"type": "string"}},
-                       "required": [CHAT_CUSTOM_INPUT]}}}]
+        "parameters": {"type": "object", "properties": {CUSTOM_TOOL_INPUT: {"type": "string"}},
+                       "required": [CUSTOM_TOOL_INPUT]}}}]
     call = body["messages"][1]["tool_calls"][0]
     assert call["type"] == "function"
-    assert json.loads(call["function"]["arguments"]) == {CHAT_CUSTOM_INPUT: 'line "1"\n'}
+    assert json.loads(call["function"]["arguments"]) == {CUSTOM_TOOL_INPUT: 'line "1"\n'}
     assert body["messages"][2] == {"role": "tool", "tool_call_id": "c1", "content": "done"}
 
 
