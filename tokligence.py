@@ -14,6 +14,7 @@ and routing, handlers, CLI.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import binascii
@@ -23,6 +24,7 @@ import csv
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -45,8 +47,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar, Union
-from urllib.parse import urlsplit
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
+from urllib.parse import parse_qsl, urlsplit
 
 import certifi
 import h11
@@ -101,8 +103,9 @@ SETTINGS_TEMPLATE = """\
 host = 127.0.0.1
 # Port (env TOKLIGENCE_PORT or TOKLIGENCE_FACADE_PORT, flag --port).
 port = 8081
-# Auth is off in the personal edition; set to false for the team edition with users and API keys
-# (env TOKLIGENCE_AUTH_DISABLED).
+# Auth is off in the personal edition, where the admin and usage APIs (/api/v1/…) answer only
+# loopback clients; set to false for the team edition, where every /v1 and /api endpoint needs a
+# user's API key (env TOKLIGENCE_AUTH_DISABLED).
 auth_disabled = true
 # Extra Host header names accepted when auth is off, comma-separated; loopback names are always
 # accepted (env TOKLIGENCE_ALLOWED_HOSTS).
@@ -114,9 +117,11 @@ ledger_path = ~/.tokligence/ledger.db
 response_ttl = 2592000
 # debug, info, warning or error (env TOKLIGENCE_LOG_LEVEL).
 log_level = info
-# Request log file, rotated daily and by size; "-" logs to stdout only (env TOKLIGENCE_LOG_FILE).
+# The gateway's log file, written besides stdout and rotated daily and by size; "-" logs to stdout
+# only (env TOKLIGENCE_LOG_FILE).
 log_file = -
-# Log line format: text (key=value) or json (env TOKLIGENCE_LOG_FORMAT).
+# Log line format: text (key=value) or json (an object per line: time, level, message and the
+# request's fields) (env TOKLIGENCE_LOG_FORMAT).
 log_format = text
 # Largest request body accepted, in bytes; larger ones get 413 (env TOKLIGENCE_MAX_BODY_BYTES).
 max_body_bytes = 33554432
@@ -141,7 +146,8 @@ aliases_file = ~/.tokligence/aliases.ini
 # Team edition: the first admin's key, used when no admin exists yet; otherwise one is made and
 # printed once at start (env TOKLIGENCE_ADMIN_KEY).
 admin_key =
-# Log file of the CLI's own commands (user, key, usage); "-" for none (env TOKLIGENCE_CLI_LOG_FILE).
+# Log file of the user, key and usage commands, apart from the gateway's; "-" for none
+# (env TOKLIGENCE_CLI_LOG_FILE).
 cli_log_file = -
 # A log file rotates daily and once larger than this many bytes (env TOKLIGENCE_LOG_MAX_BYTES).
 log_max_bytes = 10485760
@@ -3214,6 +3220,7 @@ class MessagesStreamEncoder:
         self.id = id or new_id("msg_")
         self._index = -1
         self._delta_head = ""    # SSE text of a content_block_delta up to its delta type, per block
+        self._done = False       # message_stop or error sent: nothing may follow
 
     def feed(self, event: Event) -> bytes:
         if isinstance(event, Delta):
@@ -3232,16 +3239,18 @@ class MessagesStreamEncoder:
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": _msg_usage_json(event.usage, 1)}})
         if isinstance(event, Finish):
+            self._done = True
             return sse_event("message_delta", {
                 "type": "message_delta",
                 "delta": {"stop_reason": _MSG_FINISH_REASONS.get(event.reason, "end_turn"),
                           "stop_sequence": event.stop_sequence},
                 "usage": _msg_usage_json(event.usage)}) + _MSG_MESSAGE_STOP
+        self._done = True
         return sse_event("error", messages_error_body(event.error))
 
     def ping(self) -> bytes:
-        """Keep-alive sent while the upstream is silent."""
-        return _MSG_PING
+        """Keep-alive sent while the upstream is silent (none once the stream has ended)."""
+        return b"" if self._done else _MSG_PING
 
 
 # ==== Local token estimate =====================================================================
@@ -4919,7 +4928,8 @@ def drop_unsupported_tools(wire: str, body: dict, unsupported: frozenset[str]) -
 # ================================================================================================
 # Handlers
 # One coroutine per endpoint: parse, route, then relay (passthrough), translate or answer locally
-# (loopback); every inference request ends in one log line and one ledger row.
+# (loopback); every inference request ends in one log line and one ledger row. Then the admin and
+# usage APIs (JSON under /api/v1/), whose account changes the CLI shares.
 # ================================================================================================
 
 JSON_HEADERS = [("content-type", "application/json")]
@@ -5092,6 +5102,180 @@ class ThinkingMemory:
                 message.parts[:0] = self.blocks[call.id]
 
 
+# ---- log events, accounts and API parameters (the admin and usage APIs and the CLI share them)
+@dataclass(slots=True)
+class LogEvent:
+    """A structured log line, logged as log.info("%s", LogEvent(name, fields)): "name key=value …" in
+    text logs, separate members in JSON logs (JSONLogFormatter). Formatted only if a handler emits it."""
+    name: str
+    fields: dict[str, Any]
+
+    def __str__(self) -> str:
+        return self.name + "".join(f" {key}={self.text(value)}" for key, value in self.fields.items())
+
+    @staticmethod
+    def text(value: Any) -> str:
+        if value is None:
+            return "-"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def find_user(conn: sqlite3.Connection, ref: int | str) -> dict[str, Any]:
+    """The user with this id or email; a 404 when there is none."""
+    user = get_user(conn, ref)
+    if user is None:
+        raise GatewayError(404, "not_found", f"no user {ref}", code="user_not_found")
+    return user
+
+
+class Accounts:
+    """Changes to users and keys, each followed by its lifecycle hook and an audit log line. The admin
+    API runs them on the ledger writer's thread, the CLI on a connection of its own. actor is who made
+    the change, for the hook: an admin's user id, "local" (the API with auth off) or "cli"."""
+
+    def __init__(self, conn: sqlite3.Connection, hooks: HookRunner, actor: str) -> None:
+        self.conn = conn
+        self.hooks = hooks
+        self.actor = actor
+
+    def add_user(self, email: str, name: str = "", role: str = "user") -> dict[str, Any]:
+        user = create_user(self.conn, email, name, role)
+        self._emit("user.created", user["id"], user=user)
+        return user
+
+    def edit_user(self, ref: int | str, **fields: str) -> dict[str, Any]:
+        """Changes any of email, name, role and status; a change to status disabled is a user.disabled."""
+        user = update_user(self.conn, find_user(self.conn, ref)["id"], **fields)
+        event = "user.disabled" if fields.get("status") == "disabled" else "user.updated"
+        self._emit(event, user["id"], user=user, changed=sorted(fields))
+        return user
+
+    def disable_user(self, ref: int | str) -> dict[str, Any]:
+        """The user's keys stop working at once; their data stays, and re-enabling brings it all back."""
+        return self.edit_user(ref, status="disabled")
+
+    def remove_user(self, ref: int | str) -> dict[str, Any]:
+        """Deletes the user and their keys (their ledger rows stay); returns the user as it was."""
+        user = find_user(self.conn, ref)
+        delete_user(self.conn, user["id"])
+        self._emit("user.deleted", user["id"], user=user)
+        return user
+
+    def import_users(self, lines: Iterable[str]) -> dict[str, list[Any]]:
+        result = import_users_csv(self.conn, lines)
+        for user in result["created"]:
+            self._emit("user.created", user["id"], user=user)
+        return result
+
+    def issue_key(self, ref: int | str, name: str | None = None,
+                  expires_at: float | None = None) -> tuple[str, dict[str, Any]]:
+        """A new key for the user: (the key itself, to be shown once; its stored row)."""
+        plaintext, key = create_key(self.conn, find_user(self.conn, ref)["id"], name, expires_at)
+        self._emit("key.created", key["user_id"], key=key)
+        return plaintext, key
+
+    def revoke(self, key_id: int) -> dict[str, Any]:
+        try:
+            key = revoke_key(self.conn, key_id)
+        except ValueError as error:   # its one failure: no such key
+            raise GatewayError(404, "not_found", str(error), code="key_not_found") from None
+        self._emit("key.revoked", key["user_id"], key=key)
+        return key
+
+    def _emit(self, event_type: str, user_id: int, **metadata: Any) -> None:
+        log.info("%s", LogEvent(event_type, {"user": user_id, "actor": self.actor}))
+        self.hooks.emit(event_type, user_id=user_id, actor=self.actor, metadata=metadata)
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds, or an ISO 8601 date or time (UTC unless it names a zone)."""
+    with contextlib.suppress(ValueError):
+        return float(text)
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"expected unix seconds or an ISO date or time (2025-01-31, 2025-01-31T12:00Z), "
+                         f"got {text!r}") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def parse_expiry(value: str | float) -> float:
+    """A key's expiry: a number of days from now, or an ISO date or time; it must lie ahead."""
+    try:
+        expires_at = time.time() + float(value) * SECONDS_PER_DAY
+    except ValueError:
+        expires_at = parse_time(str(value))
+    if expires_at <= time.time():
+        raise ValueError(f"the expiry {value!r} is not in the future")
+    return expires_at
+
+
+def convert_parameters(pairs: Iterable[tuple[str, str]],
+                       converters: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """Query parameters (or CLI options) by name, each converted; ValueError names a bad or unknown one."""
+    converted = {}
+    for name, text in pairs:
+        if name not in converters:
+            raise ValueError(f"unknown parameter {name!r}; known: {', '.join(converters)}")
+        try:
+            converted[name] = converters[name](text)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    return converted
+
+
+USAGE_SUMMARY_PARAMETERS: dict[str, Callable[[str], Any]] = {"since": parse_time, "until": parse_time,
+                                                             "user_id": int}
+USAGE_LOG_PARAMETERS: dict[str, Callable[[str], Any]] = {
+    **USAGE_SUMMARY_PARAMETERS, "limit": int, "offset": int, "model": str, "provider": str, "key_id": int,
+    "status": int}
+JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def json_fields(request: Request, types: dict[str, tuple[type, ...]], required: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
+    """The request's JSON object, checked: only these members, each of one of its types."""
+    body = parse_json_object(request.body)
+    for name, value in body.items():
+        if name not in types:
+            raise GatewayError(400, "invalid_request", f"unknown field {name!r}; known: {', '.join(types)}",
+                               param=name)
+        if isinstance(value, bool) or not isinstance(value, types[name]):
+            expected = " or ".join(JSON_TYPE_NAMES[kind] for kind in types[name])
+            raise GatewayError(400, "invalid_request", f"{name!r} must be {expected}", param=name)
+    for name in required:
+        if name not in body:
+            raise GatewayError(400, "invalid_request", f"{name!r} is required", param=name)
+    return body
+
+
+ADMIN_USERS = "/api/v1/admin/users"
+ADMIN_KEYS = "/api/v1/admin/keys"
+
+
+def resource_id(request: Request, collection: str, action: str = "") -> int:
+    """The id in collection/ID or collection/ID/action; any other path is a 404."""
+    ident, _, rest = request.path.rstrip("/").removeprefix(collection + "/").partition("/")
+    if ident.isdigit() and rest == action:
+        return int(ident)
+    raise GatewayError(404, "not_found", f"no such endpoint: {request.method} {request.path}")
+
+
+def query_parameters(request: Request, converters: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    return convert_parameters(parse_qsl(request.query, keep_blank_values=True), converters)
+
+
+def usage_filters(request: Request, converters: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """The usage query's filters; a user's key sees its own user's rows only, an admin's everything."""
+    filters = query_parameters(request, converters)
+    key = request.key
+    if key is None or key.user_role == "admin":
+        return filters
+    if filters.setdefault("user_id", key.user_id) != key.user_id:
+        raise GatewayError(403, "permission", "a user's key sees only its own user's usage", param="user_id")
+    return filters
+
+
 class Gateway:
     """The application: routes requests to handlers; owns the router, the pool and the ledger."""
 
@@ -5121,24 +5305,38 @@ class Gateway:
             "/v1/models": {"GET": self.models},
             "/health": {"GET": self.health},
             "/": {"GET": self.health, "HEAD": self.head},
+            ADMIN_USERS: {"GET": self.api(self.api_list_users), "POST": self.api(self.api_create_user)},
+            ADMIN_KEYS: {"GET": self.api(self.api_list_keys), "POST": self.api(self.api_create_key)},
+            "/api/v1/usage/summary": {"GET": self.api(self.api_usage_summary, admin=False)},
+            "/api/v1/usage/logs": {"GET": self.api(self.api_usage_logs, admin=False)},
         }
         # Paths ending in an id: prefix -> methods.
         self.resources: dict[str, dict[str, Callable]] = {
             "/v1/responses/": {"GET": self.get_stored_response, "DELETE": self.delete_stored_response},
+            ADMIN_USERS + "/": {"GET": self.api(self.api_get_user), "PATCH": self.api(self.api_update_user),
+                                "DELETE": self.api(self.api_delete_user),
+                                "POST": self.api(self.api_disable_user)},    # …/ID/disable
+            ADMIN_KEYS + "/": {"POST": self.api(self.api_revoke_key)},          # …/ID/revoke
         }
+        # Usage and admin reads run here, off the event loop and off the writer thread.
+        self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokligence-reader")
 
     def team_edition_start(self) -> str | None:
         """With auth on and no admin yet: creates one and returns its key, to be shown once."""
         if self.keys is None:
             return None
         assert self.database is not None
-        created = ensure_admin(self.database, self.settings.admin_key or None)
+        try:
+            created = ensure_admin(self.database, self.settings.admin_key or None)
+        except ValueError as error:   # a malformed admin_key
+            raise SettingsError(f"{self.settings.origins['gateway.admin_key']}: {error}") from None
         self.keys.invalidate()
         return created
 
     def close(self) -> None:
         """At shutdown: every ledger row written, hooks finished, connections closed."""
         self.pool.close()
+        self.readers.shutdown()
         self.ledger.close()
         self.hooks.close()
         if self.database is not None:
@@ -5161,7 +5359,9 @@ class Gateway:
                                    headers={"allow": ", ".join(methods)})
             if self.keys is None:
                 self.check_host(request)
-            elif path.startswith("/v1/"):
+                if path.startswith("/api/"):
+                    self.check_loopback_peer(request)
+            elif path.startswith(("/v1/", "/api/")):
                 request.key = self.authenticate(request)
         except GatewayError as err:
             await self.send_error(responder, wire, err)
@@ -5175,6 +5375,14 @@ class Gateway:
         if not (is_loopback_name(host) or host in self.allowed_hosts):
             raise GatewayError(403, "permission", f"requests for host {host!r} are refused: auth is off, so only "
                                "loopback names are served; add the name to allowed_hosts or turn auth on")
+
+    @staticmethod
+    def check_loopback_peer(request: Request) -> None:
+        """Without auth, the admin and usage APIs answer only this machine: nobody else may manage
+        users or read the ledger (allowed_hosts opens the inference endpoints, not these)."""
+        if not is_loopback_peer(request.peer):
+            raise GatewayError(403, "permission", "the admin and usage APIs answer only loopback clients "
+                               "while auth is off; turn auth on to use them from elsewhere")
 
     def authenticate(self, request: Request) -> KeyInfo:
         """A valid key from Authorization: Bearer or x-api-key (Claude Code may send both)."""
@@ -5286,13 +5494,16 @@ class Gateway:
         """The request's log line and ledger row (awaiting only when the ledger queue is full)."""
         latency = (time.perf_counter() - ex.started) * 1000
         u = ex.usage
-        if log.isEnabledFor(logging.INFO):
-            log.info("request id=%s path=%s model=%s provider=%s status=%s stream=%s ms=%.1f in=%d out=%d "
-                     "cache_read=%d cache_write=%d", ex.id, ex.endpoint, ex.model_requested or "-",
-                     ex.provider or "-", ex.status, str(ex.stream).lower(), latency, u.input_tokens,
-                     u.output_tokens, u.cache_read, u.cache_write)
-        price = self.prices.price_for(ex.model_served) if ex.model_served else None
         key = ex.key
+        if log.isEnabledFor(logging.INFO):
+            fields = {"id": ex.id, "path": ex.endpoint, "model": ex.model_requested or None,
+                      "provider": ex.provider or None, "status": ex.status, "stream": ex.stream,
+                      "ms": round(latency, 1), "in": u.input_tokens, "out": u.output_tokens,
+                      "cache_read": u.cache_read, "cache_write": u.cache_write}
+            if key:
+                fields |= {"user": key.user_id, "key": key.key_id}
+            log.info("%s", LogEvent("request", fields))
+        price = self.prices.price_for(ex.model_served) if ex.model_served else None
         await self.ledger.put({
             "id": ex.id, "ts": ex.time, "user_id": key.user_id if key else None,
             "key_id": key.key_id if key else None, "endpoint": ex.endpoint, "client_wire": ex.client_wire,
@@ -5434,7 +5645,8 @@ class Gateway:
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 rewrite = drop_usage_chunk = True
         payload = json.dumps(body, ensure_ascii=False).encode() if rewrite else request.body
-        response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire],
+        query = "?" + request.query if request.query else ""     # e.g. Claude Code's ?beta=true
+        response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire] + query,
                                             self.upstream_headers(request, upstream, True), payload)
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers
                    if n.decode("latin-1") not in HOP_BY_HOP]
@@ -5538,6 +5750,8 @@ class Gateway:
                                             self.upstream_headers(request, upstream, False), payload)
         if response.status >= 400:
             err = provider.parse_error(response.status, await self.read_upstream(ex, response, upstream))
+            if retry_after := response.header(b"retry-after"):
+                err.headers.setdefault("retry-after", retry_after)
             raise err
         content_type = response.header(b"content-type") or ""
         if not content_type.startswith("text/event-stream"):
@@ -5562,7 +5776,6 @@ class Gateway:
         heartbeat = self.settings.ping_interval if ex.client_wire == "messages" else None
         parser = SSEParser()
         responder.start(200, self.response_headers(ex, SSE_HEADERS))
-        usage = Usage()
         try:
             async with contextlib.aclosing(self.relay_chunks(ex, response, heartbeat)) as chunks:
                 async for chunk in chunks:
@@ -5570,17 +5783,17 @@ class Gateway:
                         await self.send_chunk(ex, responder, encoder.ping())
                         continue
                     events = [event for sse in parser.feed(chunk) for event in decoder.feed(sse.event, sse.data)]
-                    usage, out = self.relay_events(ex, events, encoder, collector, unbridge, usage)
+                    # Kept on ex as it comes: a client that leaves mid-stream is charged what was used.
+                    ex.usage, out = self.relay_events(ex, events, encoder, collector, unbridge, ex.usage)
                     await self.keep_response(ex, body, encoder)
                     await self.send_chunk(ex, responder, out)
             tail = decoder.close()
         except UpstreamError as exc:
             tail = [StreamFailure(GatewayError(502, "api_error", f"provider {upstream.name} failed "
                                                                  f"mid-stream: {exc}"))]
-        usage, out = self.relay_events(ex, tail, encoder, collector, unbridge, usage)
+        ex.usage, out = self.relay_events(ex, tail, encoder, collector, unbridge, ex.usage)
         if collector:
             self.thinking.remember(collector.reply.parts)
-        ex.usage = usage
         await self.keep_response(ex, body, encoder)
         await self.send_chunk(ex, responder, out)
         await responder.end()
@@ -5603,7 +5816,7 @@ class Gateway:
     # ---- other endpoints -----------------------------------------------------------------------
     async def embeddings(self, request: Request, responder: Responder) -> None:
         ex = Exchange(request.headers.get("x-request-id") or new_id("req_"), request.path, "chat",
-                      request.started)
+                      request.started, key=request.key)
         try:
             body = parse_json_object(request.body)
             model, text = body.get("model"), body.get("input")
@@ -5704,6 +5917,100 @@ class Gateway:
     async def head(self, request: Request, responder: Responder) -> None:
         await responder.respond(200, [], b"")
 
+    # ---- admin and usage APIs ------------------------------------------------------------------
+    # JSON in and out, errors in OpenAI's shape. With auth on, handle() has authenticated the caller;
+    # with auth off, only loopback peers get here, and they count as an admin.
+    def api(self, answer: Callable[[Request], Awaitable[tuple[int, Any]]], admin: bool = True) -> Handler:
+        """The endpoint for answer(request) -> (status, payload): admins only unless admin is False."""
+        async def endpoint(request: Request, responder: Responder) -> None:
+            try:
+                if self.database is None:
+                    raise GatewayError(404, "not_found", "there are no users, keys or usage to see: "
+                                       "the gateway records nothing while ledger_path = off")
+                if admin and request.key is not None and request.key.user_role != "admin":
+                    raise GatewayError(403, "permission", "only an admin's key may use the admin API")
+                status, payload = await answer(request)
+            except ValueError as error:   # the storage functions' and parameters' own checks
+                await self.send_error(responder, "chat", GatewayError(400, "invalid_request", str(error)))
+            except GatewayError as error:
+                await self.send_error(responder, "chat", error)
+            else:
+                await responder.respond(status, JSON_HEADERS, json.dumps(payload).encode())
+        return endpoint
+
+    async def read(self, query: Callable[[Database], T]) -> T:
+        """query(connection) in a reader thread, once the rows queued before it have landed: it sees
+        every request answered before it, and neither waits for the writer nor holds it up (WAL)."""
+        await self.ledger.write_now(lambda conn: None)
+        database = self.database
+        assert database is not None
+
+        def run() -> T:
+            with contextlib.closing(database.connect()) as conn:
+                return query(conn)
+        return await asyncio.get_running_loop().run_in_executor(self.readers, run)
+
+    async def change(self, request: Request, action: Callable[[Accounts], T]) -> T:
+        """A user or key change on the writer thread; then the key index reloads, so that the very
+        next request already meets a revoked key or a disabled user."""
+        actor = str(request.key.user_id) if request.key else "local"
+        result = await self.ledger.write_now(lambda conn: action(Accounts(conn, self.hooks, actor)))
+        if self.keys is not None:
+            self.keys.invalidate()
+        return result
+
+    async def api_list_users(self, request: Request) -> tuple[int, Any]:
+        return 200, {"object": "list", "data": await self.read(list_users)}
+
+    async def api_create_user(self, request: Request) -> tuple[int, Any]:
+        fields = json_fields(request, dict.fromkeys(("email", "name", "role"), (str,)), required=("email",))
+        return 201, await self.change(request, lambda accounts: accounts.add_user(**fields))
+
+    async def api_get_user(self, request: Request) -> tuple[int, Any]:
+        user_id = resource_id(request, ADMIN_USERS)
+        return 200, await self.read(lambda conn: find_user(conn, user_id))
+
+    async def api_update_user(self, request: Request) -> tuple[int, Any]:
+        user_id = resource_id(request, ADMIN_USERS)
+        fields = json_fields(request, dict.fromkeys(USER_FIELDS, (str,)))
+        if not fields:
+            raise ValueError(f"nothing to update: send any of {', '.join(USER_FIELDS)}")
+        return 200, await self.change(request, lambda accounts: accounts.edit_user(user_id, **fields))
+
+    async def api_disable_user(self, request: Request) -> tuple[int, Any]:
+        user_id = resource_id(request, ADMIN_USERS, "disable")
+        return 200, await self.change(request, lambda accounts: accounts.disable_user(user_id))
+
+    async def api_delete_user(self, request: Request) -> tuple[int, Any]:
+        user_id = resource_id(request, ADMIN_USERS)
+        await self.change(request, lambda accounts: accounts.remove_user(user_id))
+        return 200, {"id": user_id, "object": "user", "deleted": True}
+
+    async def api_list_keys(self, request: Request) -> tuple[int, Any]:
+        user_id = query_parameters(request, {"user_id": int}).get("user_id")
+        return 200, {"object": "list", "data": await self.read(lambda conn: list_keys(conn, user_id))}
+
+    async def api_create_key(self, request: Request) -> tuple[int, Any]:
+        """{"user_id": id or email, "name"?, "expires"?: days or ISO time}; the key is in this answer only."""
+        fields = json_fields(request, {"user_id": (int, str), "name": (str,), "expires": (int, float, str)},
+                             required=("user_id",))
+        expires_at = parse_expiry(fields["expires"]) if "expires" in fields else None
+        plaintext, key = await self.change(request, lambda accounts: accounts.issue_key(
+            fields["user_id"], fields.get("name"), expires_at))
+        return 201, {**key, "key": plaintext}
+
+    async def api_revoke_key(self, request: Request) -> tuple[int, Any]:
+        key_id = resource_id(request, ADMIN_KEYS, "revoke")
+        return 200, await self.change(request, lambda accounts: accounts.revoke(key_id))
+
+    async def api_usage_summary(self, request: Request) -> tuple[int, Any]:
+        filters = usage_filters(request, USAGE_SUMMARY_PARAMETERS)
+        return 200, await self.read(lambda conn: usage_summary(conn, **filters))
+
+    async def api_usage_logs(self, request: Request) -> tuple[int, Any]:
+        filters = usage_filters(request, USAGE_LOG_PARAMETERS)
+        return 200, await self.read(lambda conn: usage_logs(conn, **filters))
+
 
 def host_name(header: str) -> str:
     """The name in a Host header, without port or IPv6 brackets, lower-cased."""
@@ -5716,6 +6023,16 @@ def host_name(header: str) -> str:
 def is_loopback_name(host: str) -> bool:
     return (host in ("localhost", "::1") or host.endswith(".localhost")
             or (host.startswith("127.") and host.replace(".", "").isdigit()))
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """Whether a connection's address is this machine's (::ffff:127.0.0.1 on a dual-stack socket too)."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def client_wire_of(path: str) -> str:
@@ -5731,17 +6048,45 @@ def merge_usage(total: Usage, seen: Usage) -> Usage:
 
 # ================================================================================================
 # CLI
-# `serve` (the default), `init` and `config`; logging set-up and the signal-driven lifecycle.
+# `serve` (the default), `init`, `config`, and the team edition's `user`, `key` and `usage`; logging
+# set-up and the signal-driven lifecycle.
 # ================================================================================================
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def setup_logging(settings: Settings) -> None:
-    level = getattr(logging, settings.log_level.upper())
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+class JSONLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger and message, and a LogEvent's fields as members."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z"),
+            "level": record.levelname.lower(), "logger": record.name}
+        event = record.args[0] if isinstance(record.args, tuple) and len(record.args) == 1 else None
+        if record.msg == "%s" and isinstance(event, LogEvent):
+            entry |= {"message": event.name, **event.fields}
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup_logging(settings: Settings, command: bool = False) -> None:
+    """The gateway logs to stdout and log_file. A command logs to cli_log_file, and only its warnings
+    to stderr, since stdout carries its output. A file of "-" means none."""
+    formatter = JSONLogFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
+    console = logging.StreamHandler(sys.stderr if command else sys.stdout)
+    console.setLevel(logging.WARNING if command else logging.NOTSET)
+    handlers: list[logging.Handler] = [console]
+    path = settings.cli_log_file if command else settings.log_file
+    if path != "-":
+        handlers.append(RotatingLogHandler(path, settings.log_max_bytes, settings.log_backups))
+    for handler in handlers:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.handlers[:] = handlers
+    root.setLevel(getattr(logging, settings.log_level.upper()))
 
 
 async def serve(settings: Settings, env: dict[str, str], stop: asyncio.Event | None = None,
@@ -5749,7 +6094,9 @@ async def serve(settings: Settings, env: dict[str, str], stop: asyncio.Event | N
     """Run until SIGTERM/SIGINT or `stop` is set, then let in-flight requests finish and stop."""
     gateway = Gateway(settings, env)
     admin_key = gateway.team_edition_start()
-    if admin_key:
+    if admin_key and settings.admin_key:   # the operator has it already: keep it out of the logs
+        log.info("created the first admin (admin@localhost) with the key in admin_key")
+    elif admin_key:
         print(f"tokligence: created the first admin (admin@localhost); its API key, shown only once:\n"
               f"  {admin_key}", flush=True)
     server = HTTPServer(gateway.handle, settings, gateway.protocol_error)
@@ -5798,9 +6145,154 @@ def init_settings(path: Path, force: bool) -> str:
     return f"wrote {path}\nedit it to add providers, then run: python tokligence.py --config {path}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+# ---- user, key and usage commands ----------------------------------------------------------------
+USER_COLUMNS = ("id", "email", "name", "role", "status", "created_at")
+KEY_COLUMNS_SHOWN = ("id", "user_id", "name", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
+USAGE_COLUMNS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                 "reasoning_tokens", "cost_usd", "unpriced_requests", "errors")
 
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """Rows as aligned text columns; times (the *_at columns) in UTC, a missing value as "-"."""
+    def cell(column: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if column.endswith("_at"):
+            return time.strftime("%Y-%m-%d %H:%M", time.gmtime(value))
+        return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+    lines = [list(columns)] + [[cell(column, row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def format_usage(summary: dict[str, Any]) -> str:
+    """usage_summary() as a totals table, then one table per breakdown."""
+    sections = [f"totals\n{format_table([summary['totals']], USAGE_COLUMNS)}"]
+    for entry, (name, _) in USAGE_BREAKDOWNS.items():
+        sections.append(f"{entry.replace('_', ' ')}\n{format_table(summary[entry], (name, *USAGE_COLUMNS))}")
+    return "\n\n".join(sections)
+
+
+def cli_user_add(args: argparse.Namespace, accounts: Accounts) -> None:
+    print(format_table([accounts.add_user(args.email, args.name, args.role)], USER_COLUMNS))
+
+
+def cli_user_list(args: argparse.Namespace, accounts: Accounts) -> None:
+    print(format_table(list_users(accounts.conn), USER_COLUMNS))
+
+
+def cli_user_update(args: argparse.Namespace, accounts: Accounts) -> None:
+    fields = {name: value for name in USER_FIELDS if (value := getattr(args, name)) is not None}
+    if not fields:
+        raise ValueError("nothing to update: give --email, --name, --role or --status")
+    print(format_table([accounts.edit_user(args.user, **fields)], USER_COLUMNS))
+
+
+def cli_user_disable(args: argparse.Namespace, accounts: Accounts) -> None:
+    print(format_table([accounts.disable_user(args.user)], USER_COLUMNS))
+
+
+def cli_user_delete(args: argparse.Namespace, accounts: Accounts) -> None:
+    user = accounts.remove_user(args.user)
+    print(f"deleted user {user['id']} ({user['email']}) and their keys; their usage stays in the ledger")
+
+
+def cli_user_import(args: argparse.Namespace, accounts: Accounts) -> None:
+    with open(args.file, newline="", encoding="utf-8") as file:
+        result = accounts.import_users(file)
+    print(format_table(result["created"], USER_COLUMNS))
+    print(f"created {len(result['created'])} users; skipped {len(result['skipped'])} that exist already"
+          + "".join(f"\n  {email}" for email in result["skipped"]))
+
+
+def cli_key_create(args: argparse.Namespace, accounts: Accounts) -> None:
+    expires_at = parse_expiry(args.expires) if args.expires else None
+    plaintext, key = accounts.issue_key(args.user, args.name, expires_at)
+    print(format_table([key], KEY_COLUMNS_SHOWN))
+    print(f"the key, shown only this once:\n{plaintext}")
+
+
+def cli_key_list(args: argparse.Namespace, accounts: Accounts) -> None:
+    user_id = find_user(accounts.conn, args.user)["id"] if args.user else None
+    print(format_table(list_keys(accounts.conn, user_id), KEY_COLUMNS_SHOWN))
+
+
+def cli_key_revoke(args: argparse.Namespace, accounts: Accounts) -> None:
+    print(format_table([accounts.revoke(args.key_id)], KEY_COLUMNS_SHOWN))
+
+
+def cli_usage(args: argparse.Namespace, accounts: Accounts) -> None:
+    """The usage API's summary, from the same query."""
+    given = [(name, value) for name, value in (("since", args.since), ("until", args.until)) if value]
+    filters = convert_parameters(given, USAGE_SUMMARY_PARAMETERS)
+    if args.user:
+        filters["user_id"] = find_user(accounts.conn, args.user)["id"]
+    summary = usage_summary(accounts.conn, **filters)
+    print(json.dumps(summary, indent=2) if args.json else format_usage(summary))
+
+
+def add_account_commands(commands: argparse._SubParsersAction) -> None:
+    """`user`, `key` and `usage`: each sets args.run, a function of (args, Accounts)."""
+    def action(parent: argparse._SubParsersAction, name: str, run: Callable[..., None], summary: str,
+               user: str | None = None) -> argparse.ArgumentParser:
+        """A command running run; user names its user argument ("user" or the option "--user")."""
+        command = parent.add_parser(name, help=summary)
+        command.set_defaults(run=run)
+        if user:
+            command.add_argument(user, help="user id or email")
+        return command
+
+    users = commands.add_parser("user", help="manage users (team edition)").add_subparsers(
+        dest="action", required=True)
+    add = action(users, "add", cli_user_add, "create a user")
+    add.add_argument("email")
+    add.add_argument("--name", default="")
+    add.add_argument("--role", choices=USER_ROLES, default="user")
+    action(users, "list", cli_user_list, "list users")
+    update = action(users, "update", cli_user_update, "change a user's email, name, role or status", user="user")
+    update.add_argument("--email")
+    update.add_argument("--name")
+    update.add_argument("--role", choices=USER_ROLES)
+    update.add_argument("--status", choices=USER_STATUSES)
+    action(users, "disable", cli_user_disable, "disable a user: their keys stop working", user="user")
+    action(users, "delete", cli_user_delete, "delete a user and their keys (their usage stays)", user="user")
+    action(users, "import", cli_user_import, "create users from a CSV file with a header row: email, and "
+           "optionally name and role").add_argument("file")
+
+    keys = commands.add_parser("key", help="manage API keys (team edition)").add_subparsers(
+        dest="action", required=True)
+    create = action(keys, "create", cli_key_create, "create a key and print it once", user="user")
+    create.add_argument("--name")
+    create.add_argument("--expires", help="days from now, or an ISO date or time")
+    action(keys, "list", cli_key_list, "list keys", user="--user")
+    action(keys, "revoke", cli_key_revoke, "revoke a key").add_argument("key_id", type=int)
+
+    usage = action(commands, "usage", cli_usage, "print token usage and cost from the ledger", user="--user")
+    usage.add_argument("--since", help="unix seconds or an ISO date or time (UTC unless it says otherwise)")
+    usage.add_argument("--until", help="the same; the end is excluded")
+    usage.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_account_command(args: argparse.Namespace, settings: Settings) -> int:
+    """A user, key or usage command on the settings' database; hooks have run when it returns."""
+    if settings.ledger_path == "off":
+        raise SettingsError("the user, key and usage commands need the database, but ledger_path = off")
+    setup_logging(settings, command=True)
+    hooks = HookRunner(settings.hook_script or None, settings.hook_timeout)
+    try:
+        with contextlib.closing(open_database(settings.ledger_path)) as conn:
+            args.run(args, Accounts(conn, hooks, "cli"))
+        return 0
+    except (GatewayError, ValueError) as error:
+        print(f"tokligence: {error}", file=sys.stderr)
+        return 1
+    finally:
+        hooks.close()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokligence", description="A personal LLM gateway.")
     parser.add_argument("--version", action="version", version=f"tokligence {__version__}")
     parser.add_argument("--config", help="settings file (default: $TOKLIGENCE_CONFIG or ~/.tokligence/settings.ini)")
@@ -5814,6 +6306,7 @@ def main(argv: list[str] | None = None) -> int:
     init_cmd.add_argument("--path", help="where to write it (default: the settings path)")
     init_cmd.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("config", help="print the effective settings and where each came from")
+    add_account_commands(commands)
     args = parser.parse_args(argv)
     env = dict(os.environ)
     explicit = args.config or env.get("TOKLIGENCE_CONFIG")
@@ -5829,6 +6322,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# settings file: {path}{'' if path.exists() else ' (not found; defaults in use)'}")
             print(describe_settings(settings), end="")
             return 0
+        if "run" in args:
+            return run_account_command(args, settings)
         setup_logging(settings)
         asyncio.run(serve(settings, env))
         return 0
