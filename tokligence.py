@@ -4978,6 +4978,13 @@ def _responses_usage_of_event(event: SSEEvent) -> Usage | None:
     return None
 
 
+def _responses_stream_error(err: GatewayError) -> bytes:
+    """The Responses API's mid-stream error event (passthrough cannot build a response.failed)."""
+    error = chat_error_body(err)["error"]
+    return sse_event("error", {"type": "error", "code": error["code"] or error["type"],
+                               "message": error["message"], "param": error["param"]})
+
+
 WIRES: dict[str, Wire] = {
     "chat": Wire(
         "chat", chat_parse_request, chat_render_request, chat_parse_response,
@@ -4998,7 +5005,7 @@ WIRES: dict[str, Wire] = {
         lambda conv, body, model: ResponsesStreamEncoder(model, request=body, name_map=conv.tool_namespaces),
         chat_error_body, chat_parse_error,      # the Responses API errs in the Chat API's shape
         lambda body: responses_parse_usage(body.get("usage") or {}), _responses_usage_of_event,
-        lambda err: sse_event("error", {"type": "error", **chat_error_body(err)["error"]})),
+        _responses_stream_error),
 }
 
 
