@@ -4060,6 +4060,7 @@ class ResponsesStreamEncoder:
         self._chunks: list[str] = []
         self._encrypted = ""
         self._summary_open = False
+        self._open = False                        # an item is added and not yet done
 
     def feed(self, event: Event) -> bytes:
         if self.response is not None:
@@ -4079,8 +4080,9 @@ class ResponsesStreamEncoder:
         if isinstance(event, StreamFailure):
             err = event.error
             error = {"code": err.code or _RESPONSES_FAILURE_CODES.get(err.kind, "server_error"), "message": err.message}
+            closing = self._block_end("incomplete") if self._open else b""   # no item left open
             self.response = self._snapshot("failed", None, error=error)
-            return head + self._event("response.failed", response=self.response)
+            return head + closing + self._event("response.failed", response=self.response)
         return head
 
     def _event(self, kind: str, **fields: Any) -> bytes:
@@ -4098,6 +4100,7 @@ class ResponsesStreamEncoder:
                 + self._event("response.in_progress", response=response))
 
     def _block_start(self, part: Part) -> bytes:
+        self._open = True
         index = len(self._output)
         self._chunks = []
         self._delta_extra = {}
@@ -4136,7 +4139,8 @@ class ResponsesStreamEncoder:
                                part={"type": "summary_text", "text": ""})
         return head + self._event(self._delta_type, **self._ids, delta=delta.text, **self._delta_extra)
 
-    def _block_end(self) -> bytes:
+    def _block_end(self, status: str = "completed") -> bytes:
+        self._open = False
         item, kind, text = self._item, self._kind, "".join(self._chunks)
         if kind in ("text", "refusal"):
             content = _responses_content_object(kind == "refusal", text)
@@ -4146,7 +4150,7 @@ class ResponsesStreamEncoder:
                 out = self._event("response.refusal.done", **self._ids, refusal=text)
             out += self._event("response.content_part.done", **self._ids, part=content)
             item["content"] = [content]
-            item["status"] = "completed"
+            item["status"] = status
         elif kind == "thinking":
             out = b""
             if self._summary_open:
@@ -4160,7 +4164,7 @@ class ResponsesStreamEncoder:
                          else "response.function_call_arguments.done")
             out = self._event(done_type, **self._ids, **{key: text})
             item[key] = text
-            item["status"] = "completed"
+            item["status"] = status
         self._output.append(item)
         return out + self._event("response.output_item.done", output_index=self._ids["output_index"], item=item)
 
@@ -4205,12 +4209,13 @@ def _header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 class Responder:
     """Writes one response on a server connection; a handler gets one per request."""
 
-    __slots__ = ("_conn", "_writer", "_reader", "started", "status", "sent_bytes")
+    __slots__ = ("_conn", "_writer", "_reader", "_head", "started", "status", "sent_bytes")
 
     def __init__(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._conn = conn
         self._reader = reader
         self._writer = writer
+        self._head = b""         # the response head, held to go out with the first body bytes
         self.started = False
         self.status = 0
         self.sent_bytes = 0
@@ -4222,26 +4227,32 @@ class Responder:
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.started, self.status = True, status
-        self._writer.write(self._conn.send(h11.Response(status_code=status, headers=headers,
-                                                                reason=REASONS.get(status, b""))))
+        self._head = self._conn.send(h11.Response(status_code=status, headers=headers,
+                                                  reason=REASONS.get(status, b"")))
 
     async def send(self, data: bytes) -> None:
         """Write a body chunk and wait while the client is slow; raises ConnectionError if it left."""
         if data:
             self.sent_bytes += len(data)
-            self._writer.write(self._conn.send(h11.Data(data=data)))
+            self._write(self._conn.send(h11.Data(data=data)))
             await self._writer.drain()
 
     async def end(self) -> None:
-        self._writer.write(self._conn.send(h11.EndOfMessage()))
+        self._write(self._conn.send(h11.EndOfMessage()))
         await self._writer.drain()
 
     async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.start(status, headers + [("content-length", str(len(body)))])
         if body:
             self.sent_bytes += len(body)
-            self._writer.write(self._conn.send(h11.Data(data=body)))
+            self._head += self._conn.send(h11.Data(data=body))
         await self.end()
+
+    def _write(self, data: bytes) -> None:
+        """One socket write per call: a held head goes out with the bytes that follow it."""
+        if self._head:
+            data, self._head = self._head + data, b""
+        self._writer.write(data)
 
 
 Handler = Callable[[Request, Responder], Any]
@@ -4469,9 +4480,16 @@ class UpstreamResponse:
         read_timeout = self._pool.read_timeout
         wait = min(heartbeat, read_timeout) if heartbeat else read_timeout
         silent = 0.0
+        arrived: list[bytes] = []      # what one read brought, passed on as one chunk: one write later
         try:
             while True:
                 event = conn.next_event()
+                if type(event) is h11.Data:
+                    arrived.append(self._inflate.decompress(event.data) if self._inflate else event.data)
+                    continue
+                if arrived:
+                    yield arrived[0] if len(arrived) == 1 else b"".join(arrived)
+                    arrived = []
                 if event is h11.NEED_DATA:
                     try:
                         async with asyncio.timeout(wait):     # cancelling a read loses no data
@@ -4484,8 +4502,6 @@ class UpstreamResponse:
                         continue
                     silent = 0.0
                     conn.receive_data(data)
-                elif type(event) is h11.Data:
-                    yield self._inflate.decompress(event.data) if self._inflate else event.data
                 elif type(event) is h11.EndOfMessage:
                     if self._inflate:
                         yield self._inflate.flush()
@@ -4832,6 +4848,8 @@ def _dicts(value: Any) -> Iterator[dict]:
 
 def _chat_calls(body: dict) -> Iterator[tuple[str, str]]:
     for message in _dicts(body.get("messages")):
+        if message.get("role") == "user":
+            return                       # the user spoke since: older calls are no loop any more
         if message.get("role") == "assistant":
             for call in _dicts(message.get("tool_calls")):
                 function = call.get("function") or call.get("custom") or {}
@@ -4842,6 +4860,10 @@ def _chat_calls(body: dict) -> Iterator[tuple[str, str]]:
 
 def _messages_calls(body: dict) -> Iterator[tuple[str, str]]:
     for message in _dicts(body.get("messages")):
+        content = message.get("content")
+        if message.get("role") == "user" and not any(isinstance(block, dict) and block.get("type") == "tool_result"
+                                                     for block in (content if isinstance(content, list) else [])):
+            return                       # the user spoke since (not only tool results)
         if message.get("role") == "assistant":
             for block in _dicts(message.get("content")):
                 if block.get("type") == "tool_use":
@@ -4850,6 +4872,8 @@ def _messages_calls(body: dict) -> Iterator[tuple[str, str]]:
 
 def _responses_calls(body: dict) -> Iterator[tuple[str, str]]:
     for item in _dicts(body.get("input")):
+        if item.get("type", "message") == "message" and item.get("role") == "user":
+            return                       # the user spoke since: older calls are no loop any more
         if item.get("type") in ("function_call", "custom_tool_call"):
             yield str(item.get("name")), _canonical_arguments(item.get("arguments", item.get("input")))
 
@@ -4903,16 +4927,40 @@ def _tool_identity(tool: Any) -> set[str]:
     return {name for name in names if isinstance(name, str)}
 
 
+def _drop_tools_from(tools: list, unsupported: frozenset[str]) -> tuple[list, set[str]]:
+    """(the tools kept, the names dropped); a namespace tool loses the tools inside it that match."""
+    kept, dropped = [], set()
+    for tool in tools:
+        if hit := _tool_identity(tool) & unsupported:
+            dropped |= hit
+            continue
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+            inner, gone = _drop_tools_from(tool["tools"], unsupported)
+            if gone:
+                tool, dropped = {**tool, "tools": inner}, dropped | gone
+        kept.append(tool)
+    return kept, dropped
+
+
 def drop_unsupported_tools(wire: str, body: dict, unsupported: frozenset[str]) -> list[str]:
-    """Removes the tools a provider rejects; a tool_choice naming one falls back to auto.
-    Returns the names dropped."""
+    """Removes the tools a provider rejects, also from Codex's additional_tools items and inside
+    namespace tools; a tool_choice naming one falls back to auto. Returns the names dropped."""
+    if not unsupported:
+        return []
+    dropped: set[str] = set()
+    items = body.get("input") if wire == "responses" else None
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("type") == "additional_tools" and isinstance(item.get("tools"), list):
+            inner, gone = _drop_tools_from(item["tools"], unsupported)
+            if gone:
+                items[index], dropped = {**item, "tools": inner}, dropped | gone
     tools = body.get("tools")
-    if not unsupported or not isinstance(tools, list):
-        return []
-    kept = [tool for tool in tools if not _tool_identity(tool) & unsupported]
-    if len(kept) == len(tools):
-        return []
-    dropped = sorted(set().union(*(_tool_identity(tool) & unsupported for tool in tools)))
+    if not isinstance(tools, list):
+        return sorted(dropped)
+    kept, gone = _drop_tools_from(tools, unsupported)
+    if not gone:
+        return sorted(dropped)
+    dropped = sorted(dropped | gone)
     if kept:
         body["tools"] = kept
     else:
@@ -4954,7 +5002,7 @@ class Wire:
     parse_error: Callable[[int, bytes], GatewayError]
     usage_of_body: Callable[[dict], Usage]
     usage_of_event: Callable[[SSEEvent], Usage | None]
-    stream_error: Callable[[GatewayError], bytes]
+    stream_error: Callable[[GatewayError, str | None, str | None], bytes]   # (error, first and last event data)
 
 
 def _chat_usage_of_event(event: SSEEvent) -> Usage | None:
@@ -4978,11 +5026,20 @@ def _responses_usage_of_event(event: SSEEvent) -> Usage | None:
     return None
 
 
-def _responses_stream_error(err: GatewayError) -> bytes:
-    """The Responses API's mid-stream error event (passthrough cannot build a response.failed)."""
+def _responses_stream_error(err: GatewayError, first: str | None, last: str | None) -> bytes:
+    """response.failed for a relayed stream the provider broke off: Responses clients wait for a
+    terminal event. It continues the stream's sequence numbers and names its response."""
+    def field(data: str | None, name: str, default: Any) -> Any:
+        try:
+            return json.loads(data).get(name, default) if data else default
+        except ValueError:
+            return default
+
     error = chat_error_body(err)["error"]
-    return sse_event("error", {"type": "error", "code": error["code"] or error["type"],
-                               "message": error["message"], "param": error["param"]})
+    response = {**field(first, "response", {}), "status": "failed",
+                "error": {"code": error["code"] or error["type"], "message": error["message"]}}
+    return sse_event("response.failed", {"type": "response.failed", "response": response,
+                                         "sequence_number": field(last, "sequence_number", -1) + 1})
 
 
 WIRES: dict[str, Wire] = {
@@ -4991,13 +5048,13 @@ WIRES: dict[str, Wire] = {
         lambda reply, conv, body: chat_render_response(reply), lambda: ChatStreamDecoder(),
         lambda conv, body, model: ChatStreamEncoder(model, conv.include_usage),
         chat_error_body, chat_parse_error, lambda body: chat_parse_usage(body.get("usage") or {}),
-        _chat_usage_of_event, lambda err: sse_event(None, chat_error_body(err))),
+        _chat_usage_of_event, lambda err, first, last: sse_event(None, chat_error_body(err))),
     "messages": Wire(
         "messages", messages_parse_request, messages_render_request, messages_parse_response,
         lambda reply, conv, body: messages_render_response(reply), lambda: MessagesStreamDecoder(),
         lambda conv, body, model: MessagesStreamEncoder(model),
         messages_error_body, messages_parse_error, lambda body: messages_parse_usage(body.get("usage") or {}),
-        _messages_usage_of_event, lambda err: sse_event("error", messages_error_body(err))),
+        _messages_usage_of_event, lambda err, first, last: sse_event("error", messages_error_body(err))),
     "responses": Wire(
         "responses", responses_parse_request, responses_render_request, responses_parse_response,
         lambda reply, conv, body: responses_render_response(reply, request=body, name_map=conv.tool_namespaces),
@@ -5581,7 +5638,7 @@ class Gateway:
             raise GatewayError(400, "invalid_request", "'previous_response_id' must be a string",
                                param="previous_response_id")
         stored = await self.load_stored(previous)
-        expanded = {key: value for key, value in body.items() if key != "previous_response_id"}
+        expanded = dict(body)   # previous_response_id stays: the response echoes it
         expanded["input"] = stored["items"] + input_items(body.get("input"))
         return expanded
 
@@ -5671,11 +5728,13 @@ class Gateway:
         responder.start(response.status, self.response_headers(ex, headers))
         parser = SSEParser()
         usage = Usage()
+        first = last = None        # event data a failure notice may need to continue the stream
         try:
             async with contextlib.aclosing(self.relay_chunks(ex, response)) as chunks:
                 async for chunk in chunks:
                     out = []
                     for event in parser.feed(chunk):
+                        first, last = first or event.data, event.data
                         seen = wire.usage_of_event(event)
                         if seen is not None:
                             usage = merge_usage(usage, seen)
@@ -5688,7 +5747,7 @@ class Gateway:
         except UpstreamError as exc:
             err = GatewayError(502, "api_error", f"provider {upstream.name} failed mid-stream: {exc}")
             ex.error_type = err.kind
-            await responder.send(wire.stream_error(err))
+            await responder.send(wire.stream_error(err, first, last))
         finally:
             ex.usage = usage
         await responder.end()
