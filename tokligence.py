@@ -33,6 +33,8 @@ import os
 import queue
 import re
 import secrets
+import shlex
+import shutil
 import signal
 import sqlite3
 import ssl
@@ -40,12 +42,14 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http import HTTPStatus
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 from urllib.parse import parse_qsl, urlsplit
@@ -516,6 +520,9 @@ def _build_settings(values: dict[tuple[str, str], tuple[str, str]],
     gateway = {key: _convert(values, "gateway", key, convert) for key, convert in GATEWAY_TYPES.items()}
     if not 0 <= gateway["port"] <= 65535:
         raise SettingsError(f"{values[('gateway', 'port')][1]}: [gateway] port must be 0-65535")
+    if gateway["ca_bundle"] and not Path(gateway["ca_bundle"]).expanduser().is_file():
+        raise SettingsError(f"{values[('gateway', 'ca_bundle')][1]}: [gateway] ca_bundle = "
+                            f"{gateway['ca_bundle']!r}: no such file")
     providers: dict[str, Provider] = {}
     names = sorted({section[len("provider."):] for section, _ in values if section.startswith("provider.")})
     for name in names:
@@ -745,11 +752,13 @@ TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 # What a ledger row may leave out.
 LEDGER_DEFAULTS: dict[str, Any] = (dict.fromkeys(LEDGER_COLUMNS) | dict.fromkeys(TOKEN_COLUMNS, 0)
                                    | {"stream": 0})
-INSERT_LEDGER_ROW = (f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) "
-                     f"VALUES ({', '.join(':' + column for column in LEDGER_COLUMNS)})")
+LEDGER_ROW_VALUES = "(" + ", ".join("?" * len(LEDGER_COLUMNS)) + ")"
 TOUCH_KEY = "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?"
 
 LEDGER_BATCH_ROWS = 500
+# After the first row of a batch the writer waits this long for more: one transaction then serves a
+# burst, and rows queue without waking the thread (no waiter to notify) instead of one wake-up each.
+LEDGER_BATCH_WINDOW_SECONDS = 0.02
 BACKPRESSURE_POLL_SECONDS = 0.005
 
 # A queued item: a ledger row, a write_now job, or None, which stops the writer.
@@ -767,6 +776,7 @@ class LedgerWriter:
 
     def __init__(self, db: Database | None, max_queued: int = 10_000) -> None:
         self._queue: queue.Queue[LedgerItem] = queue.Queue(max_queued)
+        self._urgent = threading.Event()     # a write_now job or close() cuts the batch window short
         self._closed = False
         self._thread: threading.Thread | None = None
         if db is not None:
@@ -802,6 +812,7 @@ class LedgerWriter:
                 loop.call_soon_threadsafe(_storage_settle, landed, *outcome)
 
         await self._enqueue(job)
+        self._urgent.set()
         return await landed
 
     def close(self) -> None:
@@ -810,6 +821,7 @@ class LedgerWriter:
             return
         self._closed = True
         self._queue.put(None)
+        self._urgent.set()
         self._thread.join()
 
     def _refuse_if_closed(self) -> None:
@@ -829,6 +841,9 @@ class LedgerWriter:
         with contextlib.closing(conn):
             while True:
                 items = [self._queue.get()]
+                if isinstance(items[0], dict):
+                    self._urgent.wait(LEDGER_BATCH_WINDOW_SECONDS)
+                self._urgent.clear()
                 while len(items) < LEDGER_BATCH_ROWS:   # whatever else is already waiting
                     try:
                         items.append(self._queue.get_nowait())
@@ -872,9 +887,14 @@ def _storage_insert_ledger_rows(conn: Database, rows: list[dict[str, Any]]) -> N
     for row in rows:
         if (key_id := row.get("key_id")) is not None:
             last_used[key_id] = max(last_used.get(key_id, 0.0), row["ts"])
+    # One multi-row INSERT, not executemany: SQLite releases the GIL at every step, and a step per
+    # row would hand the GIL back and forth with the event loop thread once per row.
+    values = [row.get(column, default) for row in rows for column, default in LEDGER_DEFAULTS.items()]
     with transaction(conn):
-        conn.executemany(INSERT_LEDGER_ROW, [LEDGER_DEFAULTS | row for row in rows])
-        conn.executemany(TOUCH_KEY, [(ts, key_id) for key_id, ts in last_used.items()])
+        conn.execute(f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES "
+                     + ", ".join([LEDGER_ROW_VALUES] * len(rows)), values)
+        if last_used:
+            conn.executemany(TOUCH_KEY, [(ts, key_id) for key_id, ts in last_used.items()])
 
 
 def _storage_settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
@@ -4397,6 +4417,10 @@ class UpstreamError(Exception):
     """The provider could not be reached or broke the exchange (not an HTTP error status)."""
 
 
+class ConnectionDropped(UpstreamError):
+    """The connection ended before any answer: on a kept-alive connection, safe to retry on a new one."""
+
+
 @dataclass(slots=True, frozen=True)
 class Origin:
     scheme: str
@@ -4458,11 +4482,12 @@ class UpstreamResponse:
     """Status and headers at once; the body read incrementally with `chunks()` or whole with `read()`."""
 
     def __init__(self, pool: "UpstreamPool", connection: UpstreamConnection, status: int,
-                 headers: list[tuple[bytes, bytes]]):
+                 headers: list[tuple[bytes, bytes]], waited: float):
         self._pool = pool
         self._connection: UpstreamConnection | None = connection
         self.status = status
         self.headers = headers
+        self.waited = waited     # seconds spent waiting on the provider (connect, send, head, body)
         encoding = next((v.lower() for n, v in headers if n == b"content-encoding"), b"identity")
         # Asked for identity, but some servers compress anyway; wbits 47 accepts gzip and zlib.
         self._inflate = zlib.decompressobj(47) if encoding in (b"gzip", b"deflate", b"x-gzip") else None
@@ -4491,15 +4516,18 @@ class UpstreamResponse:
                     yield arrived[0] if len(arrived) == 1 else b"".join(arrived)
                     arrived = []
                 if event is h11.NEED_DATA:
+                    began = time.perf_counter()
                     try:
                         async with asyncio.timeout(wait):     # cancelling a read loses no data
                             data = await reader.read(READ_SIZE)
                     except TimeoutError:
+                        self.waited += wait
                         silent += wait
                         if silent >= read_timeout:
                             raise
                         yield b""
                         continue
+                    self.waited += time.perf_counter() - began
                     silent = 0.0
                     conn.receive_data(data)
                 elif type(event) is h11.EndOfMessage:
@@ -4532,14 +4560,23 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections per origin; broken or half-read ones are discarded, never reused."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, connect_timeout: float, read_timeout: float,
+    def __init__(self, make_tls: Callable[[], ssl.SSLContext], connect_timeout: float, read_timeout: float,
                  max_idle_per_origin: int = 32):
-        self.ssl_context = ssl_context
+        self._make_tls = make_tls
+        self._tls: ssl.SSLContext | None = None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle_per_origin
         self.idle: dict[Origin, list[UpstreamConnection]] = {}
         self.opened = 0
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """Made on first use: loading the CA bundles takes tens of milliseconds that a gateway with
+        only local providers never needs to spend."""
+        if self._tls is None:
+            self._tls = self._make_tls()
+        return self._tls
 
     def release(self, connection: UpstreamConnection) -> None:
         conn = connection.h11
@@ -4558,7 +4595,7 @@ class UpstreamPool:
         self.idle.clear()
 
     async def _open(self, origin: Origin) -> UpstreamConnection:
-        tls = self.ssl_context if origin.scheme == "https" else None
+        tls = self.tls if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if origin.proxy is None:
@@ -4605,35 +4642,40 @@ class UpstreamPool:
             connection = idle.pop()
             if connection.usable():
                 try:
-                    return await self._exchange(connection, method, target, headers, body)
-                except UpstreamError:
+                    return await self._exchange(connection, method, target, headers, body, 0.0)
+                except ConnectionDropped:
                     pass    # the provider closed a kept-alive connection as we reused it: retry fresh
             else:
                 connection.close()
-        return await self._exchange(await self._open(origin), method, target, headers, body)
+        began = time.perf_counter()
+        connection = await self._open(origin)
+        return await self._exchange(connection, method, target, headers, body, time.perf_counter() - began)
 
     async def _exchange(self, connection: UpstreamConnection, method: str, target: str,
-                        headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
+                        headers: list[tuple[str, str]], body: bytes, waited: float) -> UpstreamResponse:
         conn = connection.h11
         try:
             connection.writer.write(conn.send(h11.Request(method=method, target=target, headers=headers))
                                     + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+            began = time.perf_counter()
             await connection.writer.drain()
             async with asyncio.timeout(self.read_timeout):
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        conn.receive_data(await connection.reader.read(READ_SIZE))
+                        data = await connection.reader.read(READ_SIZE)
+                        waited, began = waited + time.perf_counter() - began, time.perf_counter()
+                        conn.receive_data(data)
                     elif type(event) is h11.Response:
-                        return UpstreamResponse(self, connection, event.status_code, list(event.headers))
+                        return UpstreamResponse(self, connection, event.status_code, list(event.headers), waited)
                     elif not isinstance(event, h11.InformationalResponse):
-                        raise UpstreamError("provider closed the connection before answering")
+                        raise ConnectionDropped("provider closed the connection before answering")
         except TimeoutError:
             connection.close()
             raise UpstreamError(f"provider did not answer within {self.read_timeout:g} s") from None
         except (OSError, h11.ProtocolError) as exc:
             connection.close()
-            raise UpstreamError(f"provider connection failed: {exc or type(exc).__name__}") from None
+            raise ConnectionDropped(f"provider connection failed: {exc or type(exc).__name__}") from None
         except BaseException:
             connection.close()
             raise
@@ -5081,7 +5123,7 @@ class Exchange:
     status: int = 0
     error_type: str | None = None
     usage: Usage = field(default_factory=Usage)
-    upstream_wait: float = 0.0         # seconds spent waiting on the provider
+    upstream: UpstreamResponse | None = None    # its `waited` is the time spent on the provider
     ttfb: float | None = None          # seconds to the first body byte sent to the client
     key: KeyInfo | None = None
     store: bool = False                # keep the Responses object for previous_response_id
@@ -5090,6 +5132,10 @@ class Exchange:
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.upstream_wait) * 1000)
+
+    @property
+    def upstream_wait(self) -> float:
+        return self.upstream.waited if self.upstream else 0.0
 
 
 def parse_json_object(body: bytes) -> dict:
@@ -5346,7 +5392,7 @@ class Gateway:
     def __init__(self, settings: Settings, env: dict[str, str]):
         self.settings = settings
         self.router = Router(settings, env)
-        self.pool = UpstreamPool(make_ssl_context(settings.ca_bundle, env), settings.connect_timeout,
+        self.pool = UpstreamPool(lambda: make_ssl_context(settings.ca_bundle, env), settings.connect_timeout,
                                  settings.read_timeout)
         self.started = time.time()
         self.thinking = ThinkingMemory()
@@ -5681,13 +5727,11 @@ class Gateway:
     async def call_upstream(self, ex: Exchange, upstream: Upstream, suffix: str,
                             headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
         assert upstream.origin is not None
-        started = time.perf_counter()
         try:
-            return await self.pool.request(upstream.origin, "POST", upstream.target(suffix), headers, body)
+            ex.upstream = await self.pool.request(upstream.origin, "POST", upstream.target(suffix), headers, body)
         except UpstreamError as exc:
             raise GatewayError(502, "api_error", f"provider {upstream.name}: {exc}") from None
-        finally:
-            ex.upstream_wait += time.perf_counter() - started
+        return ex.upstream
 
     async def passthrough(self, ex: Exchange, request: Request, responder: Responder, body: dict,
                           upstream: Upstream, rewritten: bool) -> None:
@@ -5716,7 +5760,7 @@ class Gateway:
                    if n.decode("latin-1") not in HOP_BY_HOP]
         content_type = response.header(b"content-type") or ""
         if not content_type.startswith("text/event-stream"):
-            data = await self.read_upstream(ex, response, upstream)
+            data = await self.read_upstream(response, upstream)
             ex.status = response.status
             if response.status < 400:
                 ex.usage = self.usage_of_json(wire, data, upstream)
@@ -5730,7 +5774,7 @@ class Gateway:
         usage = Usage()
         first = last = None        # event data a failure notice may need to continue the stream
         try:
-            async with contextlib.aclosing(self.relay_chunks(ex, response)) as chunks:
+            async with contextlib.aclosing(response.chunks()) as chunks:
                 async for chunk in chunks:
                     out = []
                     for event in parser.feed(chunk):
@@ -5761,33 +5805,11 @@ class Gateway:
                                f"{data[:200]!r}") from None
         return wire.usage_of_body(parsed) if isinstance(parsed, dict) else Usage()
 
-    async def read_upstream(self, ex: Exchange, response: UpstreamResponse, upstream: Upstream) -> bytes:
-        started = time.perf_counter()
+    async def read_upstream(self, response: UpstreamResponse, upstream: Upstream) -> bytes:
         try:
             return await response.read()
         except UpstreamError as exc:
             raise GatewayError(502, "api_error", f"provider {upstream.name}: {exc}") from None
-        finally:
-            ex.upstream_wait += time.perf_counter() - started
-
-    async def relay_chunks(self, ex: Exchange, response: UpstreamResponse,
-                           heartbeat: float | None = None) -> AsyncIterator[bytes]:
-        """The provider's body as it arrives, timing the waits; closing it mid-way (the client left)
-        closes the provider connection so generation stops."""
-        chunks = response.chunks(heartbeat)
-        try:
-            while True:
-                started = time.perf_counter()
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    ex.upstream_wait += time.perf_counter() - started
-                yield chunk
-        finally:
-            response.close()
-            await chunks.aclose()
 
     async def send_chunk(self, ex: Exchange, responder: Responder, data: bytes) -> None:
         if not data:
@@ -5815,13 +5837,13 @@ class Gateway:
         response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire],
                                             self.upstream_headers(request, upstream, False), payload)
         if response.status >= 400:
-            err = provider.parse_error(response.status, await self.read_upstream(ex, response, upstream))
+            err = provider.parse_error(response.status, await self.read_upstream(response, upstream))
             if retry_after := response.header(b"retry-after"):
                 err.headers.setdefault("retry-after", retry_after)
             raise err
         content_type = response.header(b"content-type") or ""
         if not content_type.startswith("text/event-stream"):
-            data = await self.read_upstream(ex, response, upstream)
+            data = await self.read_upstream(response, upstream)
             try:
                 reply = provider.parse_response(parse_json_object(data))
             except GatewayError as exc:
@@ -5843,7 +5865,7 @@ class Gateway:
         parser = SSEParser()
         responder.start(200, self.response_headers(ex, SSE_HEADERS))
         try:
-            async with contextlib.aclosing(self.relay_chunks(ex, response, heartbeat)) as chunks:
+            async with contextlib.aclosing(response.chunks(heartbeat)) as chunks:
                 async for chunk in chunks:
                     if not chunk:
                         await self.send_chunk(ex, responder, encoder.ping())
@@ -5911,7 +5933,7 @@ class Gateway:
             payload_bytes = json.dumps(body).encode() if served != model else request.body
             response = await self.call_upstream(ex, upstream, "/embeddings",
                                                 self.upstream_headers(request, upstream, True), payload_bytes)
-            data = await self.read_upstream(ex, response, upstream)
+            data = await self.read_upstream(response, upstream)
             ex.status = response.status
             if response.status < 400:
                 ex.usage = self.usage_of_json(WIRES["chat"], data, upstream)
@@ -5948,7 +5970,7 @@ class Gateway:
                 ex = Exchange("", request.path, wire_name, request.started)
                 response = await self.call_upstream(ex, upstream, suffix, self.upstream_headers(request, upstream, True),
                                                     json.dumps(body).encode() if served != model else request.body)
-                data = await self.read_upstream(ex, response, upstream)
+                data = await self.read_upstream(response, upstream)
                 headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers
                            if n.decode("latin-1") not in HOP_BY_HOP]
                 await responder.respond(response.status, headers, data)
@@ -6114,8 +6136,8 @@ def merge_usage(total: Usage, seen: Usage) -> Usage:
 
 # ================================================================================================
 # CLI
-# `serve` (the default), `init`, `config`, and the team edition's `user`, `key` and `usage`; logging
-# set-up and the signal-driven lifecycle.
+# `serve` (the default), `init`, `config`, the team edition's `user`, `key` and `usage`, and the
+# `claude`, `codex` and `env` launchers; logging set-up and the signal-driven lifecycle.
 # ================================================================================================
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -6358,6 +6380,149 @@ def run_account_command(args: argparse.Namespace, settings: Settings) -> int:
         hooks.close()
 
 
+# ---- launchers: Claude Code and Codex CLI pointed at the gateway ---------------------------------
+LAUNCHED_CLIS = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}   # command: npm package
+KEY_ENV = "TOKLIGENCE_API_KEY"      # the gateway key the launchers pass on; Codex reads it (env_key)
+PLACEHOLDER_KEY = "tokligence"      # the CLIs refuse to start without a key, even when auth is off
+START_TIMEOUT = 15.0                # seconds a gateway started in the background has to answer /health
+CODEX_CONFIG_END = "# ---- end of tokligence's block: your own settings go below it and are kept ----"
+
+
+def data_dir() -> Path:
+    """Where the launchers keep Codex's home and the background gateway's log: beside the default
+    settings file and ledger."""
+    return Path("~/.tokligence").expanduser()
+
+
+def gateway_url(settings: Settings) -> str:
+    """The gateway's URL for a client on this machine: a wildcard address is reached on loopback."""
+    if not settings.port:
+        raise SettingsError("the launchers need the gateway's port, which is 0 (any free port)")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+
+
+def gateway_healthy(url: str) -> bool:
+    """Whether a Tokligence gateway answers GET /health at url (http.client, as no proxy applies here)."""
+    parts = urlsplit(url)
+    connection = HTTPConnection(parts.hostname or "", parts.port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        return response.status == 200 and json.loads(response.read()).get("status") == "ok"
+    except (OSError, HTTPException, ValueError, AttributeError):
+        return False
+    finally:
+        connection.close()
+
+
+def start_gateway(url: str, serve_args: list[str], log_path: Path) -> int:
+    """Runs `tokligence serve_args` in a session of its own (so it outlives this command, and Ctrl-C in
+    the CLI's terminal does not reach it), output appended to log_path; returns its pid once healthy."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *serve_args],
+                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not gateway_healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-5:])
+            raise ChildProcessError(f"the gateway did not start on {url}; the end of {log_path}:\n{tail}")
+        time.sleep(0.1)
+    return process.pid
+
+
+def gateway_key(settings: Settings, given: str | None, env: dict[str, str]) -> str:
+    """The key the CLI sends: the user's gateway key when auth is on, else a placeholder."""
+    key = given or env.get(KEY_ENV)
+    if key:
+        return key
+    if not settings.auth_disabled:
+        raise SettingsError(f"auth is on: give your gateway key with --key or ${KEY_ENV}")
+    return PLACEHOLDER_KEY
+
+
+def write_codex_config(home: Path, url: str) -> Path:
+    """home/config.toml with the gateway as Codex's model provider, over the Responses API (the only
+    wire Codex speaks). Its top block is rewritten at every launch, since the gateway's address may
+    change; what the user added below the block is kept. The block uses dotted keys, not a table,
+    because a table would swallow any top-level key added below it."""
+    path = home / "config.toml"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    _, marker, below = text.partition(CODEX_CONFIG_END + "\n")
+    block = "\n".join((
+        "# Codex settings for Tokligence (CODEX_HOME). `tokligence codex` and `tokligence env codex`",
+        "# rewrite this block at every launch.",
+        'model_provider = "tokligence"',
+        'model_providers.tokligence.name = "Tokligence"',
+        f"model_providers.tokligence.base_url = {json.dumps(url + '/v1')}",
+        'model_providers.tokligence.wire_api = "responses"',
+        f"model_providers.tokligence.env_key = {json.dumps(KEY_ENV)}",
+        CODEX_CONFIG_END, ""))
+    text = block + (below if marker else text)      # a file without the block is all the user's
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"{path}: what is below tokligence's block does not fit with it ({error}); "
+                            "remove the conflicting lines") from None
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def cli_env(cli: str, url: str, key: str) -> dict[str, str]:
+    """The variables that point `cli` at the gateway; for codex, its config is written first.
+    Claude Code gets the key as ANTHROPIC_AUTH_TOKEN, its variable for gateways, which needs no login
+    and no approval of a custom API key."""
+    if cli == "claude":
+        return {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": key}
+    home = data_dir() / "codex"
+    write_codex_config(home, url)
+    return {"CODEX_HOME": str(home), KEY_ENV: key}
+
+
+def print_env(cli: str, settings: Settings, key: str | None, env: dict[str, str]) -> int:
+    """`env claude|codex`: the exports, for `eval "$(tokligence env claude)"`; starts nothing."""
+    url = gateway_url(settings)
+    for name, value in cli_env(cli, url, gateway_key(settings, key, env)).items():
+        print(f"export {name}={shlex.quote(value)}")
+    if not gateway_healthy(url):
+        print(f"tokligence: no gateway answers on {url} yet: start it with `python tokligence.py`",
+              file=sys.stderr)
+    return 0
+
+
+def launch(cli: str, cli_args: list[str], settings: Settings, key: str | None, serve_args: list[str],
+           env: dict[str, str]) -> int:
+    """`claude|codex [args…]`: the CLI with args, pointed at the gateway, which is started first if
+    nothing answers. What it sets goes to stderr, so the CLI's stdout stays its own."""
+    program = shutil.which(cli, path=env.get("PATH"))
+    if program is None:
+        print(f"tokligence: {cli} is not installed (not found on PATH); install it with:\n"
+              f"  npm install -g {LAUNCHED_CLIS[cli]}", file=sys.stderr)
+        return 127
+    url = gateway_url(settings)
+    key = gateway_key(settings, key, env)
+    variables = cli_env(cli, url, key)
+    if gateway_healthy(url):
+        print(f"tokligence: using the gateway running on {url}", file=sys.stderr)
+    else:
+        log_path = data_dir() / "gateway.log"
+        pid = start_gateway(url, serve_args, log_path)
+        print(f"tokligence: started the gateway on {url} in the background (pid {pid}, log {log_path})",
+              file=sys.stderr)
+    for name, value in variables.items():
+        secret = value == key and key != PLACEHOLDER_KEY
+        print(f"tokligence: {name}={mask_secret(value) if secret else value}", file=sys.stderr)
+    print(f"tokligence: running {shlex.join([program, *cli_args])}", file=sys.stderr, flush=True)
+    env = {**env, **variables}
+    if os.name == "posix":     # exec: the CLI owns the terminal and its signals, and its status is ours
+        os.execve(program, [program, *cli_args], env)
+    return subprocess.run([program, *cli_args], env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokligence", description="A personal LLM gateway.")
     parser.add_argument("--version", action="version", version=f"tokligence {__version__}")
@@ -6373,7 +6538,19 @@ def main(argv: list[str] | None = None) -> int:
     init_cmd.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("config", help="print the effective settings and where each came from")
     add_account_commands(commands)
-    args = parser.parse_args(argv)
+    key_help = f"your gateway key, needed when auth is on (default: ${KEY_ENV})"
+    for cli, package in LAUNCHED_CLIS.items():
+        # no -h of its own and no abbreviations: every argument but --key is the CLI's
+        launcher = commands.add_parser(cli, add_help=False, allow_abbrev=False, help=(
+            f"run {cli} (npm {package}) through the gateway, starting the gateway if needed: "
+            f"{cli} [--key KEY] [{cli}'s own arguments…]"))
+        launcher.add_argument("--key", help=key_help)
+    env_cmd = commands.add_parser("env", help="print the shell exports that point claude or codex at the gateway")
+    env_cmd.add_argument("cli", choices=LAUNCHED_CLIS)
+    env_cmd.add_argument("--key", help=key_help)
+    args, cli_args = parser.parse_known_args(argv)
+    if cli_args and args.command not in LAUNCHED_CLIS:
+        parser.error(f"unrecognized arguments: {' '.join(cli_args)}")
     env = dict(os.environ)
     explicit = args.config or env.get("TOKLIGENCE_CONFIG")
     path = Path(explicit).expanduser() if explicit else default_settings_path(env)
@@ -6390,6 +6567,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if "run" in args:
             return run_account_command(args, settings)
+        if args.command == "env":
+            return print_env(args.cli, settings, args.key, env)
+        if args.command in LAUNCHED_CLIS:
+            serve_args = [*(["--config", str(path.resolve())] if explicit else []), "serve",
+                          *(f"--{name.replace('_', '-')}={value}" for name, value in flags.items() if value is not None)]
+            return launch(args.command, cli_args, settings, args.key, serve_args, env)
         setup_logging(settings)
         asyncio.run(serve(settings, env))
         return 0
