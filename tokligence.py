@@ -752,7 +752,12 @@ TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 # What a ledger row may leave out.
 LEDGER_DEFAULTS: dict[str, Any] = (dict.fromkeys(LEDGER_COLUMNS) | dict.fromkeys(TOKEN_COLUMNS, 0)
                                    | {"stream": 0})
-LEDGER_ROW_VALUES = "(" + ", ".join("?" * len(LEDGER_COLUMNS)) + ")"
+# Rows go in with multi-row INSERTs of 64, 32, … 1 rows: few statements per batch (SQLite releases the
+# GIL at every step, so a step per row would bounce the GIL off the event loop once per request), and
+# only seven statement shapes, so SQLite's statement cache stays small.
+LEDGER_INSERTS = {rows: f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES "
+                        + ", ".join(["(" + ", ".join("?" * len(LEDGER_COLUMNS)) + ")"] * rows)
+                  for rows in (64, 32, 16, 8, 4, 2, 1)}
 TOUCH_KEY = "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?"
 
 LEDGER_BATCH_ROWS = 500
@@ -887,12 +892,14 @@ def _storage_insert_ledger_rows(conn: Database, rows: list[dict[str, Any]]) -> N
     for row in rows:
         if (key_id := row.get("key_id")) is not None:
             last_used[key_id] = max(last_used.get(key_id, 0.0), row["ts"])
-    # One multi-row INSERT, not executemany: SQLite releases the GIL at every step, and a step per
-    # row would hand the GIL back and forth with the event loop thread once per row.
-    values = [row.get(column, default) for row in rows for column, default in LEDGER_DEFAULTS.items()]
     with transaction(conn):
-        conn.execute(f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES "
-                     + ", ".join([LEDGER_ROW_VALUES] * len(rows)), values)
+        start = 0
+        for size, statement in LEDGER_INSERTS.items():
+            while len(rows) - start >= size:
+                group = rows[start:start + size]
+                conn.execute(statement, [row.get(column, default) for row in group
+                                         for column, default in LEDGER_DEFAULTS.items()])
+                start += size
         if last_used:
             conn.executemany(TOUCH_KEY, [(ts, key_id) for key_id, ts in last_used.items()])
 
@@ -6551,8 +6558,11 @@ def main(argv: list[str] | None = None) -> int:
     env_cmd.add_argument("cli", choices=LAUNCHED_CLIS)
     env_cmd.add_argument("--key", help=key_help)
     args, cli_args = parser.parse_known_args(argv)
-    if cli_args and args.command not in LAUNCHED_CLIS:
-        parser.error(f"unrecognized arguments: {' '.join(cli_args)}")
+    given = sys.argv[1:] if argv is None else argv
+    # A launcher passes on what argparse did not take, which must be all that follows its own options.
+    if cli_args and (args.command not in LAUNCHED_CLIS or given[len(given) - len(cli_args):] != cli_args):
+        parser.error(f"unrecognized arguments: {' '.join(cli_args)}" + (
+            f" (tokligence's options go before {args.command}'s)" if args.command in LAUNCHED_CLIS else ""))
     env = dict(os.environ)
     explicit = args.config or env.get("TOKLIGENCE_CONFIG")
     path = Path(explicit).expanduser() if explicit else default_settings_path(env)
@@ -6572,8 +6582,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "env":
             return print_env(args.cli, settings, args.key, env)
         if args.command in LAUNCHED_CLIS:
+            # the background gateway gets this command's settings file and flags
             serve_args = [*(["--config", str(path.resolve())] if explicit else []), "serve",
-                          *(f"--{name.replace('_', '-')}={value}" for name, value in flags.items() if value is not None)]
+                          *(f"--{name.replace('_', '-')}={value}" for name, value in flags.items()
+                            if value is not None)]
             return launch(args.command, cli_args, settings, args.key, serve_args, env)
         setup_logging(settings)
         asyncio.run(serve(settings, env))

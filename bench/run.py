@@ -15,10 +15,12 @@ import argparse
 import asyncio
 import ctypes
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import platform
+import py_compile
 import shutil
 import signal
 import socket
@@ -194,6 +196,10 @@ class Process:
                 self.popen.wait()
 
 
+# What the installed `tokligence` console script does: import the module (from bytecode) and run main().
+INSTALLED_COMMAND = "import sys, tokligence; sys.argv[0] = 'tokligence'; sys.exit(tokligence.main())"
+
+
 class Bench:
     """The processes of one run, in a temporary directory. The gateway runs from a copy taken when the
     run starts, so every measurement sees the same code while tokligence.py is being edited."""
@@ -203,6 +209,9 @@ class Bench:
         self.mock_port = mock_port
         self.gateway = workdir / "tokligence.py"
         shutil.copyfile(source, self.gateway)
+        # The installed `tokligence` command imports the module from bytecode compiled at install time;
+        # `python tokligence.py` compiles the whole file at every start (time and memory).
+        py_compile.compile(str(self.gateway), cfile=importlib.util.cache_from_source(str(self.gateway)))
 
     def gateway_config(self) -> Path:
         path = self.workdir / "settings.ini"
@@ -239,16 +248,19 @@ resp-* = mock_responses
                if not name.startswith("TOKLIGENCE_") and name.lower() not in PROXY_VARIABLES}
         return {**env, "HOME": str(self.workdir), **extra}
 
-    def spawn_gateway(self, name: str, port: int, env: dict[str, str]) -> Process:
-        argv = [sys.executable, str(self.gateway), "--config", str(self.gateway_config()), "--port", str(port)]
+    def spawn_gateway(self, name: str, port: int, env: dict[str, str], installed: bool = False) -> Process:
+        # -P: the module comes from PYTHONPATH (the compiled copy), never from the current directory.
+        start = ([sys.executable, "-P", "-c", INSTALLED_COMMAND] if installed else [sys.executable, str(self.gateway)])
+        argv = [*start, "--config", str(self.gateway_config()), "--port", str(port)]
+        env = {**env, "PYTHONPATH": str(self.workdir)} if installed else env
         return Process(name, argv, self.gateway_env(env), self.workdir / f"{name}.log")
 
-    async def start_gateway(self, name: str, env: dict[str, str], headers: dict[str, str] | None = None
-                            ) -> tuple[Target, float]:
+    async def start_gateway(self, name: str, env: dict[str, str], headers: dict[str, str] | None = None,
+                            installed: bool = False) -> tuple[Target, float]:
         """A gateway answering requests, and the seconds from spawning it to its first answer."""
         port = free_port()
         started = time.perf_counter()
-        process = self.spawn_gateway(name, port, env)
+        process = self.spawn_gateway(name, port, env, installed)
         target = Target(name, port, process, headers or {})
         await wait_answering(target, CHAT.request(UNPACED, False, target.headers))
         return target, time.perf_counter() - started
@@ -486,16 +498,19 @@ def ledger_rows(path: Path) -> int | None:
             return None
 
 
-async def measure_startup(bench: Bench, sizes: Sizes) -> dict[str, Any]:
-    """Spawn to first answered request (a chat passthrough to the mock), the ledger on."""
-    times = []
+async def measure_startup(bench: Bench, sizes: Sizes, installed: bool = False) -> dict[str, Any]:
+    """Spawn to first answered request (a chat passthrough to the mock), the ledger on; with
+    `installed`, also the idle RSS after that first answer."""
+    times, idle = [], []
     for index in range(sizes.startups):
-        target, seconds = await bench.start_gateway(f"startup{index}", {
-            "TOKLIGENCE_LEDGER_PATH": str(bench.workdir / "startup.db")})
+        target, seconds = await bench.start_gateway(f"startup{index}{'i' if installed else ''}", {
+            "TOKLIGENCE_LEDGER_PATH": str(bench.workdir / "startup.db")}, installed=installed)
         assert target.process is not None
+        idle.append(target.process.memory_mib()["rss_mib"])
         target.process.stop()
         times.append(seconds * 1000)
-    return {"median_ms": median(times), "min_ms": min(times), "max_ms": max(times), "runs_ms": times}
+    return {"median_ms": median(times), "min_ms": min(times), "max_ms": max(times), "runs_ms": times,
+            "idle_rss_mib": median(idle)}
 
 
 async def warm_up(targets: list[Target]) -> None:
@@ -558,8 +573,10 @@ def goals(top: int) -> list[Goal]:
         Goal("Paced stream: p99 relay delay per delta, Messages→Chat", ("paced", "messages_to_chat",
                                                                          "delay_added_p99_ms"), 1, "ms", strict=True),
         Goal("Idle RSS", ("memory", "idle_rss_mib"), 35, "MiB", strict=True),
+        Goal("Idle RSS, installed command", ("startup_installed", "idle_rss_mib"), 35, "MiB", strict=True),
         Goal("Peak RSS under load", ("memory", "peak_mib"), 60, "MiB", strict=True),
         Goal("Start-up to first answered request (median)", ("startup", "median_ms"), 200, "ms", strict=True),
+        Goal("Start-up, installed command (median)", ("startup_installed", "median_ms"), 200, "ms", strict=True),
     ]
 
 
@@ -672,15 +689,17 @@ def markdown(results: dict[str, Any]) -> str:
     out += table(["scenario", "direct first delta ms", "via first delta ms", "added", "direct delay p50",
                   "via delay p50", "direct delay p99", "via delay p99", "added p99"], rows)
 
-    mem, start = results["memory"], results["startup"]
+    mem, start, installed = results["memory"], results["startup"], results["startup_installed"]
     out += ["", "## Memory and start-up", ""]
     out += table(["figure", "value"], [
         ["idle RSS (after start-up and one request)", f"{fmt(mem['idle_rss_mib'], 1)} MiB"],
+        ["idle RSS, installed command (module from bytecode)", f"{fmt(installed['idle_rss_mib'], 1)} MiB"],
         ["RSS after load", f"{fmt(mem['rss_after_mib'], 1)} MiB"],
         ["peak RSS (VmHWM) over the run", f"{fmt(mem['peak_mib'], 1)} MiB"],
         ["peak RSS, ledger off", f"{fmt(mem['ledger_off_peak_mib'], 1)} MiB"],
-        ["start-up to first answer, median (min–max)",
-         f"{fmt(start['median_ms'], 0)} ms ({fmt(start['min_ms'], 0)}–{fmt(start['max_ms'], 0)})"]])
+        *[[f"start-up to first answer{label}, median (min–max)",
+           f"{fmt(case['median_ms'], 0)} ms ({fmt(case['min_ms'], 0)}–{fmt(case['max_ms'], 0)})"]
+          for label, case in (("", start), (", installed command", installed))]])
     return "\n".join(out) + "\n"
 
 
@@ -706,6 +725,7 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
 
             progress("start-up")
             startup = await measure_startup(bench, sizes)
+            startup_installed = await measure_startup(bench, sizes, installed=True)
             ledger_path = workdir / "ledger.db"
             gateway, _ = await bench.start_gateway("gateway", {"TOKLIGENCE_LEDGER_PATH": str(ledger_path)})
             ledger_off, _ = await bench.start_gateway("ledger_off", {"TOKLIGENCE_LEDGER_PATH": "off"})
@@ -741,6 +761,7 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
                 "load_average": [load_before, os.getloadavg()[0]]},
         "targets_run": [target.name for target in gateways],
         "latency": latency, "paced": paced, "throughput": throughput, "memory": memory, "startup": startup,
+        "startup_installed": startup_installed,
         "ledger": {"rows": rows if rows is not None else 0, "requests_sent": gateway.answered,
                    "status": ("recorded" if rows else "NOT recorded by this build (no rows in the ledger file)")},
         "auth": auth_facts,
