@@ -4084,6 +4084,7 @@ class ResponsesStreamEncoder:
         self._ids: dict[str, Any] = {}            # item_id, output_index (and content/summary index)
         self._delta_type = ""
         self._delta_extra: dict[str, Any] = {}
+        self._delta_parts = ("", "", "")          # a delta event's text around its sequence number and text
         self._chunks: list[str] = []
         self._encrypted = ""
         self._summary_open = False
@@ -4131,6 +4132,7 @@ class ResponsesStreamEncoder:
         index = len(self._output)
         self._chunks = []
         self._delta_extra = {}
+        self._delta_parts = ("", "", "")
         if isinstance(part, ToolCall):
             self._kind = "custom" if part.custom else "function"
             self._item = _responses_call_item(part, "in_progress", "", self._name_map)
@@ -4164,7 +4166,17 @@ class ResponsesStreamEncoder:
             self._summary_open = True
             head = self._event("response.reasoning_summary_part.added", **self._ids,
                                part={"type": "summary_text", "text": ""})
-        return head + self._event(self._delta_type, **self._ids, delta=delta.text, **self._delta_extra)
+        if not self._delta_parts[0]:
+            # The hot path: the event's constant text is built once per item, what _event would write.
+            fixed = compact_json({"type": self._delta_type, "sequence_number": 0, **self._ids, "delta": "",
+                                  **self._delta_extra})
+            before, after = fixed.split('"sequence_number":0', 1)
+            middle, tail = after.split('"delta":""', 1)
+            self._delta_parts = (f"event: {self._delta_type}\ndata: {before}\"sequence_number\":",
+                                 middle + '"delta":', tail + "\n\n")
+        sequence, self._seq = self._seq, self._seq + 1
+        start, middle, tail = self._delta_parts
+        return head + (start + str(sequence) + middle + json.dumps(delta.text, ensure_ascii=False) + tail).encode()
 
     def _block_end(self, status: str = "completed") -> bytes:
         self._open = False

@@ -91,9 +91,9 @@ class Scenario:
         elif self.wire == "messages":
             body = {"model": model, "max_tokens": 256, "stream": stream, "system": SYSTEM,
                     "messages": [{"role": "user", "content": PROMPT}]}
-        else:
+        else:        # store false, as Codex sends: a stored response costs a database write of its own
             body = {"model": model, "max_output_tokens": 256, "stream": stream, "instructions": SYSTEM,
-                    "input": PROMPT}
+                    "input": PROMPT, "store": False}
         return build_request(WIRE_PATHS[self.wire], json.dumps(body).encode(), headers)
 
 

@@ -814,3 +814,16 @@ def test_encoder_opens_the_stream_even_without_a_start_event():
     raw, _ = encode([StreamFailure(GatewayError(502, "api_error", "upstream down"))])
     types = [p["type"] for p in check_responses_sse(raw)]
     assert types == ["response.created", "response.in_progress", "response.failed"]
+
+
+def test_fast_delta_events_are_byte_for_byte_what_the_general_event_writer_makes():
+    for part, field_name, extra in ((Text(""), "text", {"logprobs": []}), (ToolCall("c", "f", ""), "arguments", {}),
+                                    (Thinking(), "thinking", {})):
+        encoder = ResponsesStreamEncoder("m", request={})
+        encoder.feed(BlockStart(0, part))
+        for text in ('h\u00e9"llo\n', "second"):
+            raw = encoder.feed(Delta(0, text, field_name))
+            event = raw[raw.rindex(b"event: "):]    # after a reasoning summary part's opening event
+            fields = {"type": encoder._delta_type, "sequence_number": encoder._seq - 1, **encoder._ids,
+                      "delta": text, **extra}
+            assert event == sse_event(encoder._delta_type, fields)
