@@ -74,10 +74,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_process(config: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """The gateway as a process of its own, serving config; returns once it accepts connections."""
+def start_process(config: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, int]:
+    """The gateway as a process of its own (args before --port, e.g. "serve"), serving config;
+    returns once it accepts connections."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "tokligence.py"), "--config", str(config),
+    process = subprocess.Popen([sys.executable, str(ROOT / "tokligence.py"), "--config", str(config), *args,
                                 "--port", str(port)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 10

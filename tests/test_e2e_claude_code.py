@@ -81,36 +81,6 @@ def test_claude_code_prints_a_text_answer_from_a_chat_provider(gateway_factory, 
     assert CLIENT_KEY not in str(main[0].headers)
 
 
-def test_claude_code_runs_a_bash_tool_through_a_chat_provider(gateway_factory, mock, tmp_path):
-    token = "tok" + secrets.token_hex(6)
-    final = "FINAL-" + secrets.token_hex(4)
-
-    def handler(request):
-        body = request.json or {}
-        if not is_main_turn(body):
-            return {"text": "Title"}
-        results = chat_tool_messages(body)
-        if results:
-            return {"text": f"{final} saw={token in results[-1]['content']}"}
-        return {"tool_calls": [{"id": "call_bash_1", "name": "Bash", "arguments": json.dumps(
-            {"command": f"echo {token}", "description": "Print the token"})}]}
-
-    mock.handler = handler
-    gw = gateway_to(gateway_factory, mock, "chat")
-    result = run_claude(gw, tmp_path, "Run the echo command.", "--allowedTools=Bash")
-    assert result.returncode == 0, describe(result, mock)
-    assert f"{final} saw=True" in result.stdout, describe(result, mock)
-
-    follow_up = next(r.json for r in mock.requests if chat_tool_messages(r.json or {}))
-    history = follow_up["messages"]
-    at = next(i for i, m in enumerate(history) if m["role"] == "tool")
-    assert history[at - 1]["role"] == "assistant"                      # the result right after its call
-    assert [c["id"] for c in history[at - 1]["tool_calls"]] == ["call_bash_1"]
-    assert json.loads(history[at - 1]["tool_calls"][0]["function"]["arguments"])["command"] == f"echo {token}"
-    assert history[at]["tool_call_id"] == "call_bash_1"
-    assert token in history[at]["content"]
-
-
 # ---- Messages provider: the gateway relays --------------------------------------------------------
 
 def test_claude_code_prints_a_text_answer_from_a_messages_provider(gateway_factory, mock, tmp_path):
@@ -133,7 +103,28 @@ def test_claude_code_prints_a_text_answer_from_a_messages_provider(gateway_facto
     assert sent.json["system"][0]["text"].startswith("x-anthropic-billing-header")
 
 
-def test_claude_code_runs_a_bash_tool_through_a_messages_provider(gateway_factory, mock, tmp_path):
+# ---- a Bash tool round trip, through either kind of provider ---------------------------------------
+
+def chat_follow_up_carries_the_result(body: dict, call_id: str, token: str) -> None:
+    history = body["messages"]
+    at = next(i for i, m in enumerate(history) if m["role"] == "tool")
+    assert history[at - 1]["role"] == "assistant"                      # the result right after its call
+    assert [c["id"] for c in history[at - 1]["tool_calls"]] == [call_id]
+    assert json.loads(history[at - 1]["tool_calls"][0]["function"]["arguments"])["command"] == f"echo {token}"
+    assert history[at]["tool_call_id"] == call_id and token in history[at]["content"]
+
+
+def messages_follow_up_carries_the_result(body: dict, call_id: str, token: str) -> None:
+    result = messages_tool_results(body)[-1]
+    assert result["tool_use_id"] == call_id and token in json.dumps(result)
+
+
+TOOL_RESULTS = {"chat": chat_tool_messages, "messages": messages_tool_results}
+FOLLOW_UP_CHECKS = {"chat": chat_follow_up_carries_the_result, "messages": messages_follow_up_carries_the_result}
+
+
+@pytest.mark.parametrize("wire, call_id", [("chat", "call_bash_1"), ("messages", "toolu_bash_1")])
+def test_claude_code_runs_a_bash_tool_and_sends_its_output_back(gateway_factory, mock, tmp_path, wire, call_id):
     token = "tok" + secrets.token_hex(6)
     final = "FINAL-" + secrets.token_hex(4)
 
@@ -141,16 +132,16 @@ def test_claude_code_runs_a_bash_tool_through_a_messages_provider(gateway_factor
         body = request.json or {}
         if not is_main_turn(body):
             return {"text": "Title"}
-        results = messages_tool_results(body)
+        results = TOOL_RESULTS[wire](body)
         if results:
             return {"text": f"{final} saw={token in json.dumps(results[-1])}"}
-        return {"tool_calls": [{"id": "toolu_bash_1", "name": "Bash", "arguments": json.dumps(
+        return {"tool_calls": [{"id": call_id, "name": "Bash", "arguments": json.dumps(
             {"command": f"echo {token}", "description": "Print the token"})}]}
 
     mock.handler = handler
-    gw = gateway_to(gateway_factory, mock, "messages")
+    gw = gateway_to(gateway_factory, mock, wire)
     result = run_claude(gw, tmp_path, "Run the echo command.", "--allowedTools=Bash")
     assert result.returncode == 0, describe(result, mock)
     assert f"{final} saw=True" in result.stdout, describe(result, mock)
-    follow_up = next(r.json for r in mock.requests if messages_tool_results(r.json or {}))
-    assert messages_tool_results(follow_up)[-1]["tool_use_id"] == "toolu_bash_1"
+    follow_up = next(r.json for r in mock.requests if TOOL_RESULTS[wire](r.json or {}))
+    FOLLOW_UP_CHECKS[wire](follow_up, call_id, token)

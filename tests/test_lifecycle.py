@@ -1,11 +1,8 @@
 """The gateway as a process: `python tokligence.py` serves, and SIGTERM drains in-flight streams."""
 import http.client
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,34 +10,12 @@ from pathlib import Path
 import pytest
 
 from conftest import provider_section
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from team_edition import clean_env, start_process
 
 def start_gateway(tmp_path: Path, settings: str, *args: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
     path = tmp_path / "settings.ini"
     path.write_text(settings)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKLIGENCE_", "OPENAI_", "ANTHROPIC_"))}
-    env.update({"TOKLIGENCE_LEDGER_PATH": ":memory:", "HOME": str(tmp_path)})
-    process = subprocess.Popen([sys.executable, str(ROOT / "tokligence.py"), "--config", str(path), *args,
-                                "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process, port
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("gateway did not start: " + process.communicate()[0])
+    return start_process(path, clean_env(tmp_path, TOKLIGENCE_LEDGER_PATH=":memory:"), *args)
 
 
 @pytest.mark.parametrize("command", [(), ("serve",)])
