@@ -465,18 +465,19 @@ def load_settings(path: Path | None, env: dict[str, str], flags: dict[str, Any] 
             raise SettingsError(f"{path}: cannot read settings: {exc.strerror}") from None
         parser, lines = _parse_ini(text, str(path))
         for section in parser.sections():
-            where = lambda key: f"{path}:{lines.get((section, key), '?')}"  # noqa: E731
             if section in LIST_SECTIONS:
-                rules[section] = [(k, _expand(v, env).strip(), where(k)) for k, v in parser.items(section)]
+                rules[section] = [(k, _expand(v, env).strip(), f"{path}:{lines.get((section, k), '?')}")
+                                  for k, v in parser.items(section)]
                 continue
             known = (GATEWAY_TYPES if section == "gateway"
                      else PROVIDER_TYPES if section.startswith("provider.") else None)
             if known is None:
                 raise SettingsError(f"{path}:{lines.get((section, ''), '?')}: unknown section [{section}]")
             for key, value in parser.items(section):
+                where = f"{path}:{lines.get((section, key), '?')}"
                 if key not in known:
-                    raise SettingsError(f"{where(key)}: [{section}] unknown key {key!r}")
-                values[(section, key)] = (_expand(value, env), where(key))
+                    raise SettingsError(f"{where}: [{section}] unknown key {key!r}")
+                values[(section, key)] = (_expand(value, env), where)
 
     for name, (section, key) in FALLBACK_ENV.items():
         if env.get(name) and (section, key) not in values:
@@ -607,8 +608,14 @@ def describe_settings(settings: Settings) -> str:
     out += ["", "[prices]"] + [f"{model} = {', '.join(f'{p:g}' for p in price)}"
                                for model, price in settings.prices.items()]
     return "\n".join(out) + "\n"
-T = TypeVar("T")
 
+# ================================================================================================
+# Storage
+# The SQLite database (request ledger, users, API keys, stored responses) and its one writer thread,
+# plus what the gateway keeps off the request path: prices, lifecycle hooks and rotating logs.
+# ================================================================================================
+
+T = TypeVar("T")
 storage_log = logging.getLogger("tokligence.storage")
 
 BUSY_TIMEOUT_SECONDS = 5.0   # how long a connection waits for another one's write lock
@@ -1625,8 +1632,6 @@ class UpstreamProfile:
     reasoning: bool = True                     # provider accepts reasoning_effort / thinking
 
 
-
-
 ERROR_KINDS_BY_STATUS = {400: "invalid_request", 401: "authentication", 402: "permission", 403: "permission",
                          404: "not_found", 405: "invalid_request", 408: "timeout", 413: "too_large",
                          422: "invalid_request", 429: "rate_limit", 503: "overloaded", 504: "timeout",
@@ -1781,6 +1786,55 @@ class CustomToolUnbridge:
         return reply
 
 
+# ---- the local token estimate (count_tokens, input_tokens) -----------------------------------
+_ESTIMATE_IMAGE_TOKENS = 1600       # Anthropic's cost of a ~1.15 megapixel image, the size most are scaled to
+_ESTIMATE_MESSAGE_TOKENS = 4        # role and block framing per message
+_ESTIMATE_TOOL_TOKENS = 8           # framing per tool definition
+_ESTIMATE_TOOL_PROMPT_TOKENS = 346  # the tool-use system prompt Anthropic adds when tools are given (Claude 4)
+
+
+def estimate_tokens(conv: Conversation) -> int:
+    """A local estimate of a Conversation's input tokens (count_tokens, Responses input_tokens).
+
+    Method: all text (system, message parts, tool call names and arguments, tool results, thinking,
+    tool names, descriptions and compact JSON schemas) is joined and measured once. Characters of
+    3 UTF-8 bytes (CJK, kana, hangul, Indic scripts) count ~1 token each, 2-byte ones (Cyrillic, Greek,
+    accented Latin) ~0.6, ASCII ~3.5 characters per token (Claude's tokenizer on English and code). The
+    wide count comes from the UTF-8 length, so the measure is two C-speed passes, no per-character loop.
+    Each image adds a flat 1,600, each message 4, each tool 8, and any tools at all Anthropic's
+    346-token tool prompt.
+    Expected error: within ~±25% for English prose and code; dense JSON and 2-byte scripts can be off
+    by more; an image's real cost depends on its size (a small one costs far less).
+    """
+    texts = list(conv.system)
+    fixed = 0
+    for message in conv.messages:
+        fixed += _ESTIMATE_MESSAGE_TOKENS
+        for part in message.parts:
+            if isinstance(part, (Text, Refusal, Thinking)):
+                texts.append(part.text)
+            elif isinstance(part, ToolCall):
+                texts += (part.name, part.arguments)
+            elif isinstance(part, Image):
+                fixed += _ESTIMATE_IMAGE_TOKENS
+            else:
+                for item in part.content:
+                    if isinstance(item, Text):
+                        texts.append(item.text)
+                    else:
+                        fixed += _ESTIMATE_IMAGE_TOKENS
+    if conv.tools:
+        fixed += _ESTIMATE_TOOL_PROMPT_TOKENS + _ESTIMATE_TOOL_TOKENS * len(conv.tools)
+        for tool in conv.tools:
+            schema = json.dumps(tool.parameters, ensure_ascii=False, separators=(",", ":"))
+            texts += (tool.name, tool.description, schema)
+    text = "\n".join(texts)
+    chars = len(text)
+    wide = (len(text.encode("utf-8", "surrogatepass")) - chars) // 2    # a 3-byte char adds 2 bytes
+    return fixed + wide + (chars - wide) * 2 // 7
+
+
+# ---- OpenAI Chat Completions wire (`chat`) -----------------------------------------------------
 # Chat content is one string on many providers, so neutral parts of one kind are joined with this.
 _CHAT_PART_SEPARATOR = "\n\n"
 
@@ -2553,6 +2607,8 @@ class ChatStreamEncoder:
         first = {"index": index, "id": call.id, "type": kind, kind: {"name": call.name, key: ""}}
         return self._chunk(f'{{"tool_calls":[{compact_json(first)}]}}')
 # ---- errors ----------------------------------------------------------------------------------
+# ---- Anthropic Messages wire (`messages`) ------------------------------------------------------
+
 # (neutral kind, Anthropic error type, HTTP status). billing_error comes before permission_error so
 # that rendering a "permission" error picks permission_error (the later row wins in the dict below).
 _MSG_ERRORS = (
@@ -3280,57 +3336,9 @@ class MessagesStreamEncoder:
         return b"" if self._done else _MSG_PING
 
 
-# ==== Local token estimate =====================================================================
-_ESTIMATE_IMAGE_TOKENS = 1600       # Anthropic's cost of a ~1.15 megapixel image, the size most are scaled to
-_ESTIMATE_MESSAGE_TOKENS = 4        # role and block framing per message
-_ESTIMATE_TOOL_TOKENS = 8           # framing per tool definition
-_ESTIMATE_TOOL_PROMPT_TOKENS = 346  # the tool-use system prompt Anthropic adds when tools are given (Claude 4)
-
-
-def estimate_tokens(conv: Conversation) -> int:
-    """A local estimate of a Conversation's input tokens (count_tokens, Responses input_tokens).
-
-    Method: all text (system, message parts, tool call names and arguments, tool results, thinking,
-    tool names, descriptions and compact JSON schemas) is joined and measured once. Characters of
-    3 UTF-8 bytes (CJK, kana, hangul, Indic scripts) count ~1 token each, 2-byte ones (Cyrillic, Greek,
-    accented Latin) ~0.6, ASCII ~3.5 characters per token (Claude's tokenizer on English and code). The
-    wide count comes from the UTF-8 length, so the measure is two C-speed passes, no per-character loop.
-    Each image adds a flat 1,600, each message 4, each tool 8, and any tools at all Anthropic's
-    346-token tool prompt.
-    Expected error: within ~±25% for English prose and code; dense JSON and 2-byte scripts can be off
-    by more; an image's real cost depends on its size (a small one costs far less).
-    """
-    texts = list(conv.system)
-    fixed = 0
-    for message in conv.messages:
-        fixed += _ESTIMATE_MESSAGE_TOKENS
-        for part in message.parts:
-            if isinstance(part, (Text, Refusal, Thinking)):
-                texts.append(part.text)
-            elif isinstance(part, ToolCall):
-                texts += (part.name, part.arguments)
-            elif isinstance(part, Image):
-                fixed += _ESTIMATE_IMAGE_TOKENS
-            else:
-                for item in part.content:
-                    if isinstance(item, Text):
-                        texts.append(item.text)
-                    else:
-                        fixed += _ESTIMATE_IMAGE_TOKENS
-    if conv.tools:
-        fixed += _ESTIMATE_TOOL_PROMPT_TOKENS + _ESTIMATE_TOOL_TOKENS * len(conv.tools)
-        for tool in conv.tools:
-            schema = json.dumps(tool.parameters, ensure_ascii=False, separators=(",", ":"))
-            texts += (tool.name, tool.description, schema)
-    text = "\n".join(texts)
-    chars = len(text)
-    wide = (len(text.encode("utf-8", "surrogatepass")) - chars) // 2    # a 3-byte char adds 2 bytes
-    return fixed + wide + (chars - wide) * 2 // 7
-
-
-def messages_count_tokens_body(count: int) -> dict:
-    """The /v1/messages/count_tokens answer."""
-    return {"input_tokens": count}
+# ---- OpenAI Responses wire (`responses`) -----------------------------------------------------
+# Client side: Codex CLI and other /v1/responses clients reaching any provider. Provider side:
+# Chat and Messages clients reaching a responses-only model. Passthrough never comes here.
 _RESPONSES_JSON_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "string": ((str,), "a string"),
     "integer": ((int,), "an integer"),

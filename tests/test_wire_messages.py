@@ -668,7 +668,3 @@ def test_estimate_counts_every_kind_of_part_and_tools():
 
 def test_estimate_survives_lone_surrogates():
     assert estimate_tokens(conversation(Message("user", [Text("bad \ud800 text")]))) > 0
-
-
-def test_count_tokens_body():
-    assert messages_count_tokens_body(1234) == {"input_tokens": 1234}
