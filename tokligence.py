@@ -5579,7 +5579,7 @@ class Gateway:
                 await self.answer_locally(ex, responder, body, loop_stop_reply(*ex.loop, model))
             elif client_wire == "responses" and upstream.wire != "responses":
                 # The provider keeps no Responses state: the gateway stores and expands it.
-                body = await self.expand_previous_response(body)
+                body = await self.expand_previous_response(body, ex.key)
                 ex.store = body.get("store") is not False and self.database is not None
                 await self.answer(ex, request, responder, body, upstream)
             elif upstream.wire == client_wire:
@@ -5687,22 +5687,24 @@ class Gateway:
 
     async def store_response(self, ex: Exchange, body: dict, response: dict) -> None:
         ex.store = False
-        stored = {"response": response, "items": input_items(body.get("input")) + response.get("output", [])}
+        stored = {"response": response, "items": input_items(body.get("input")) + response.get("output", []),
+                  "user_id": ex.key.user_id if ex.key else None}
         ttl = self.settings.response_ttl
         await self.ledger.write_now(lambda db: store_response(db, response["id"], stored, ttl))
 
-    async def load_stored(self, response_id: str) -> dict:
-        """Read through the writer thread, so a response stored a moment ago is always seen."""
+    async def load_stored(self, response_id: str, key: KeyInfo | None) -> dict:
+        """Read through the writer thread, so a response stored a moment ago is always seen. With auth
+        on, only the user who made a response can see it: to anyone else it does not exist."""
         if self.database is None:
             raise GatewayError(404, "not_found", f"response {response_id!r} not found: the gateway stores no "
                                "responses while ledger_path = off", param="response_id")
         stored = await self.ledger.write_now(lambda db: load_response(db, response_id))
-        if stored is None:
+        if stored is None or stored.get("user_id") != (key.user_id if key else None):
             raise GatewayError(404, "not_found", f"response with id {response_id!r} not found",
                                param="response_id")
         return stored
 
-    async def expand_previous_response(self, body: dict) -> dict:
+    async def expand_previous_response(self, body: dict, key: KeyInfo | None) -> dict:
         """previous_response_id: the stored conversation, then this request's input."""
         previous = body.get("previous_response_id")
         if previous is None:
@@ -5710,14 +5712,14 @@ class Gateway:
         if not isinstance(previous, str):
             raise GatewayError(400, "invalid_request", "'previous_response_id' must be a string",
                                param="previous_response_id")
-        stored = await self.load_stored(previous)
+        stored = await self.load_stored(previous, key)
         expanded = dict(body)   # previous_response_id stays: the response echoes it
         expanded["input"] = stored["items"] + input_items(body.get("input"))
         return expanded
 
     async def get_stored_response(self, request: Request, responder: Responder) -> None:
         try:
-            stored = await self.load_stored(request.path.rstrip("/").rsplit("/", 1)[-1])
+            stored = await self.load_stored(request.path.rstrip("/").rsplit("/", 1)[-1], request.key)
             await responder.respond(200, JSON_HEADERS, json.dumps(stored["response"]).encode())
         except GatewayError as err:
             await self.send_error(responder, "responses", err)
@@ -5725,7 +5727,7 @@ class Gateway:
     async def delete_stored_response(self, request: Request, responder: Responder) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
         try:
-            await self.load_stored(response_id)
+            await self.load_stored(response_id, request.key)
             await self.ledger.write_now(lambda db: delete_response(db, response_id))
             payload = {"id": response_id, "object": "response", "deleted": True}
             await responder.respond(200, JSON_HEADERS, json.dumps(payload).encode())

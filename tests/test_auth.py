@@ -121,6 +121,18 @@ def test_stored_responses_need_a_key_too(team):
     assert_refused(call(team.gw, "DELETE", f"/v1/responses/{created['id']}", key=team.revoked), "openai")
 
 
+def test_a_stored_response_is_seen_only_by_the_user_who_made_it(team):
+    created = call(team.gw, "POST", "/v1/responses", {"model": "m", "input": "secret plan"}, key=team.key).json()
+    other = team.new_key(team.add_user("other@example.com"))
+    for method in ("GET", "DELETE"):
+        reply = call(team.gw, method, f"/v1/responses/{created['id']}", key=other)
+        assert reply.status == 404 and reply.json()["error"]["param"] == "response_id"
+    follow_up = call(team.gw, "POST", "/v1/responses",
+                     {"model": "m", "input": "more", "previous_response_id": created["id"]}, key=other)
+    assert follow_up.status == 404
+    assert call(team.gw, "GET", f"/v1/responses/{created['id']}", key=team.key).status == 200
+
+
 def test_health_needs_no_key(team):
     assert call(team.gw, "GET", "/health").status == 200
 
