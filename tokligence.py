@@ -1786,6 +1786,35 @@ class CustomToolUnbridge:
         return reply
 
 
+# ---- reading client bodies ---------------------------------------------------------------------
+# A malformed body is the client's error, answered with a 400 that names the field; never a traceback.
+JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+                   list: "an array", dict: "an object"}
+
+
+def invalid_request(param: str | None, message: str) -> GatewayError:
+    return GatewayError(400, "invalid_request", message, param=param)
+
+
+def json_type_matches(value: Any, kind: type) -> bool:
+    """JSON's types, not Python's: true is not an integer, and an integer is a number."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def request_field(obj: dict, key: str, kind: type, param: str, required: bool = False) -> Any:
+    """obj[key] of JSON type kind (None when absent or null), or a 400 in OpenAI's words naming param."""
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise invalid_request(param, f"Missing required parameter: '{param}'.")
+        return None
+    if not json_type_matches(value, kind):
+        raise invalid_request(param, f"Invalid type for '{param}': expected {JSON_TYPE_NAMES[kind]}.")
+    return float(value) if kind is float else value
+
+
 # ---- the local token estimate (count_tokens, input_tokens) -----------------------------------
 _ESTIMATE_IMAGE_TOKENS = 1600       # Anthropic's cost of a ~1.15 megapixel image, the size most are scaled to
 _ESTIMATE_MESSAGE_TOKENS = 4        # role and block framing per message
@@ -1846,35 +1875,10 @@ def _chat_string(obj: dict, key: str) -> str:
 
 
 # ---- request validation ----------------------------------------------------------------------
-_CHAT_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
-                    list: "an array", dict: "an object"}
-
-
-def _chat_invalid(message: str, param: str | None) -> GatewayError:
-    return GatewayError(400, "invalid_request", message, param=param)
-
-
-def _chat_get(obj: dict, key: str, kind: type, param: str, required: bool = False) -> Any:
-    """obj[key] checked against kind (None when absent); param names the field in the error."""
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise _chat_invalid(f"{param} is required", param)
-        return None
-    if kind in (int, float):
-        # bool is an int subclass but never a valid number on the wire
-        valid = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    else:
-        valid = isinstance(value, kind)
-    if not valid:
-        raise _chat_invalid(f"{param} must be {_CHAT_TYPE_NAMES[kind]}", param)
-    return float(value) if kind is float else value
-
-
 def _chat_positive_int(obj: dict, key: str) -> int | None:
-    value = _chat_get(obj, key, int, key)
+    value = request_field(obj, key, int, key)
     if value is not None and value < 1:
-        raise _chat_invalid(f"{key} must be at least 1", key)
+        raise invalid_request(key, f"{key} must be at least 1")
     return value
 
 
@@ -1885,14 +1889,14 @@ _CHAT_ASSISTANT_PARTS = frozenset({"text", "refusal"})
 
 
 def _chat_parse_image(item: dict, where: str) -> Image:
-    image = _chat_get(item, "image_url", dict, f"{where}.image_url", required=True)
-    url = _chat_get(image, "url", str, f"{where}.image_url.url", required=True)
+    image = request_field(item, "image_url", dict, f"{where}.image_url", required=True)
+    url = request_field(image, "url", str, f"{where}.image_url.url", required=True)
     if not url.startswith("data:"):
         return Image(url=url)
     header, comma, data = url[5:].partition(",")
     if not comma or not header.endswith(";base64"):
-        raise _chat_invalid(f"{where}.image_url.url must be an http(s) URL or a base64 data URL",
-                       f"{where}.image_url.url")
+        raise invalid_request(f"{where}.image_url.url",
+                              f"{where}.image_url.url must be an http(s) URL or a base64 data URL")
     return Image(data=data, media_type=header.removesuffix(";base64"))
 
 
@@ -1901,22 +1905,22 @@ def _chat_parse_content(content: Any, param: str, allowed: frozenset[str]) -> li
     if isinstance(content, str):
         return [Text(content)] if content else []
     if not isinstance(content, list):
-        raise _chat_invalid(f"{param} must be a string or an array of content parts", param)
+        raise invalid_request(param, f"{param} must be a string or an array of content parts")
     parts: list[Part] = []
     for i, item in enumerate(content):
         where = f"{param}[{i}]"
         if not isinstance(item, dict):
-            raise _chat_invalid(f"{where} must be an object", where)
+            raise invalid_request(where, f"Invalid type for '{where}': expected an object.")
         kind = item.get("type")
         if kind not in allowed:
-            raise _chat_invalid(f"{where}.type {kind!r} is not supported here (expected one of: "
-                           f"{', '.join(sorted(allowed))})", f"{where}.type")
+            raise invalid_request(f"{where}.type", f"{where}.type {kind!r} is not supported here "
+                                  f"(expected one of: {', '.join(sorted(allowed))})")
         if kind == "text":
-            text = _chat_get(item, "text", str, f"{where}.text", required=True)
+            text = request_field(item, "text", str, f"{where}.text", required=True)
             if text:
                 parts.append(Text(text))
         elif kind == "refusal":
-            parts.append(Refusal(_chat_get(item, "refusal", str, f"{where}.refusal", required=True)))
+            parts.append(Refusal(request_field(item, "refusal", str, f"{where}.refusal", required=True)))
         else:
             parts.append(_chat_parse_image(item, where))
     return parts
@@ -1924,32 +1928,32 @@ def _chat_parse_content(content: Any, param: str, allowed: frozenset[str]) -> li
 
 def _chat_parse_tool_call(entry: Any, param: str) -> ToolCall:
     if not isinstance(entry, dict):
-        raise _chat_invalid(f"{param} must be an object", param)
-    call_id = _chat_get(entry, "id", str, f"{param}.id", required=True)
+        raise invalid_request(param, f"Invalid type for '{param}': expected an object.")
+    call_id = request_field(entry, "id", str, f"{param}.id", required=True)
     if entry.get("type") == "custom":
-        custom = _chat_get(entry, "custom", dict, f"{param}.custom", required=True)
-        return ToolCall(call_id, _chat_get(custom, "name", str, f"{param}.custom.name", required=True),
-                        _chat_get(custom, "input", str, f"{param}.custom.input") or "", custom=True)
-    function = _chat_get(entry, "function", dict, f"{param}.function", required=True)
-    return ToolCall(call_id, _chat_get(function, "name", str, f"{param}.function.name", required=True),
-                    _chat_get(function, "arguments", str, f"{param}.function.arguments") or "")
+        custom = request_field(entry, "custom", dict, f"{param}.custom", required=True)
+        return ToolCall(call_id, request_field(custom, "name", str, f"{param}.custom.name", required=True),
+                        request_field(custom, "input", str, f"{param}.custom.input") or "", custom=True)
+    function = request_field(entry, "function", dict, f"{param}.function", required=True)
+    return ToolCall(call_id, request_field(function, "name", str, f"{param}.function.name", required=True),
+                    request_field(function, "arguments", str, f"{param}.function.arguments") or "")
 
 
 def _chat_assistant_parts(message: dict, param: str) -> list[Part]:
     """An assistant message (request history or upstream reply): thinking, content, refusal, calls."""
     parts: list[Part] = []
     # DeepSeek and vLLM name it reasoning_content; OpenRouter and Ollama name it reasoning.
-    reasoning = (_chat_get(message, "reasoning_content", str, f"{param}.reasoning_content")
-                 or _chat_get(message, "reasoning", str, f"{param}.reasoning"))
+    reasoning = (request_field(message, "reasoning_content", str, f"{param}.reasoning_content")
+                 or request_field(message, "reasoning", str, f"{param}.reasoning"))
     if reasoning:
         parts.append(Thinking(reasoning))
     content = message.get("content")
     if content is not None:
         parts += _chat_parse_content(content, f"{param}.content", _CHAT_ASSISTANT_PARTS)
-    refusal = _chat_get(message, "refusal", str, f"{param}.refusal")
+    refusal = request_field(message, "refusal", str, f"{param}.refusal")
     if refusal:
         parts.append(Refusal(refusal))
-    calls = _chat_get(message, "tool_calls", list, f"{param}.tool_calls") or []
+    calls = request_field(message, "tool_calls", list, f"{param}.tool_calls") or []
     parts += [_chat_parse_tool_call(entry, f"{param}.tool_calls[{i}]") for i, entry in enumerate(calls)]
     return parts
 
@@ -1970,8 +1974,8 @@ def _chat_parse_messages(raw: list) -> tuple[list[str], list[Message]]:
     for i, message in enumerate(raw):
         param = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _chat_invalid(f"{param} must be an object", param)
-        role = _chat_get(message, "role", str, f"{param}.role", required=True)
+            raise invalid_request(param, f"Invalid type for '{param}': expected an object.")
+        role = request_field(message, "role", str, f"{param}.role", required=True)
         content = message.get("content")
         if role == "assistant":
             parts = _chat_assistant_parts(message, param)
@@ -1981,16 +1985,16 @@ def _chat_parse_messages(raw: list) -> tuple[list[str], list[Message]]:
         if role == "function":   # legacy function-calling turn: not carried
             continue
         if role not in ("system", "developer", "user", "tool"):
-            raise _chat_invalid(f"{param}.role {role!r} is not one of system, developer, user, assistant, tool",
-                           f"{param}.role")
+            raise invalid_request(f"{param}.role",
+                                  f"{param}.role {role!r} is not one of system, developer, user, assistant, tool")
         if content is None:
-            raise _chat_invalid(f"{param}.content is required", f"{param}.content")
+            raise invalid_request(f"{param}.content", f"Missing required parameter: '{param}.content'.")
         if role == "user":
             _chat_add_user_parts(messages, _chat_parse_content(content, f"{param}.content", _CHAT_USER_PARTS))
             continue
         parts = _chat_parse_content(content, f"{param}.content", _CHAT_TEXT_PARTS)
         if role == "tool":
-            call_id = _chat_get(message, "tool_call_id", str, f"{param}.tool_call_id", required=True)
+            call_id = request_field(message, "tool_call_id", str, f"{param}.tool_call_id", required=True)
             _chat_add_user_parts(messages, [ToolResult(call_id, parts, custom=call_id in custom_call_ids)])
         else:
             system += [part.text for part in parts]
@@ -1999,18 +2003,18 @@ def _chat_parse_messages(raw: list) -> tuple[list[str], list[Message]]:
 
 def _chat_parse_tool(raw: Any, param: str) -> Tool:
     if not isinstance(raw, dict):
-        raise _chat_invalid(f"{param} must be an object", param)
+        raise invalid_request(param, f"Invalid type for '{param}': expected an object.")
     kind = raw.get("type")
     if kind not in ("function", "custom"):
-        raise _chat_invalid(f"{param}.type must be 'function' or 'custom'", f"{param}.type")
-    spec = _chat_get(raw, kind, dict, f"{param}.{kind}", required=True)
-    tool = Tool(_chat_get(spec, "name", str, f"{param}.{kind}.name", required=True),
-                _chat_get(spec, "description", str, f"{param}.{kind}.description") or "")
+        raise invalid_request(f"{param}.type", f"{param}.type must be 'function' or 'custom'")
+    spec = request_field(raw, kind, dict, f"{param}.{kind}", required=True)
+    tool = Tool(request_field(spec, "name", str, f"{param}.{kind}.name", required=True),
+                request_field(spec, "description", str, f"{param}.{kind}.description") or "")
     if kind == "custom":
         tool.custom = True
-        tool.format = _chat_get(spec, "format", dict, f"{param}.custom.format")
+        tool.format = request_field(spec, "format", dict, f"{param}.custom.format")
     else:
-        parameters = _chat_get(spec, "parameters", dict, f"{param}.function.parameters")
+        parameters = request_field(spec, "parameters", dict, f"{param}.function.parameters")
         if parameters is not None:
             tool.parameters = parameters
     return tool
@@ -2026,8 +2030,8 @@ def _chat_parse_tool_choice(value: Any) -> tuple[str | None, str]:
         target = value.get(value["type"])
         if isinstance(target, dict) and isinstance(target.get("name"), str):
             return "tool", target["name"]
-    raise _chat_invalid('tool_choice must be "auto", "none", "required" or '
-                   '{"type": "function", "function": {"name": ...}}', "tool_choice")
+    raise invalid_request("tool_choice", 'tool_choice must be "auto", "none", "required" or '
+                   '{"type": "function", "function": {"name": ...}}')
 
 
 def _chat_parse_stop(value: Any) -> list[str]:
@@ -2037,7 +2041,7 @@ def _chat_parse_stop(value: Any) -> list[str]:
         return [value]
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value
-    raise _chat_invalid("stop must be a string or an array of strings", "stop")
+    raise invalid_request("stop", "stop must be a string or an array of strings")
 
 
 def _chat_parse_response_format(value: Any) -> dict[str, Any] | None:
@@ -2049,28 +2053,28 @@ def _chat_parse_response_format(value: Any) -> dict[str, Any] | None:
     if kind == "json_object":
         return {"type": "json_object"}
     if kind == "json_schema":
-        spec = _chat_get(value, "json_schema", dict, "response_format.json_schema", required=True)
+        spec = request_field(value, "json_schema", dict, "response_format.json_schema", required=True)
         return {"type": "json_schema",
-                "name": _chat_get(spec, "name", str, "response_format.json_schema.name", required=True),
-                "schema": _chat_get(spec, "schema", dict, "response_format.json_schema.schema") or {},
-                "strict": bool(_chat_get(spec, "strict", bool, "response_format.json_schema.strict"))}
-    raise _chat_invalid("response_format.type must be 'text', 'json_object' or 'json_schema'",
-                   "response_format.type")
+                "name": request_field(spec, "name", str, "response_format.json_schema.name", required=True),
+                "schema": request_field(spec, "schema", dict, "response_format.json_schema.schema") or {},
+                "strict": bool(request_field(spec, "strict", bool, "response_format.json_schema.strict"))}
+    raise invalid_request("response_format.type",
+                          "response_format.type must be 'text', 'json_object' or 'json_schema'")
 
 
 def chat_parse_request(body: dict) -> Conversation:
     """A client's /v1/chat/completions body as a neutral Conversation (400 GatewayError if malformed)."""
     if not isinstance(body, dict):
-        raise _chat_invalid("request body must be a JSON object", None)
-    model = _chat_get(body, "model", str, "model", required=True)
-    raw_messages = _chat_get(body, "messages", list, "messages", required=True)
+        raise invalid_request(None, "request body must be a JSON object")
+    model = request_field(body, "model", str, "model", required=True)
+    raw_messages = request_field(body, "messages", list, "messages", required=True)
     if not raw_messages:
-        raise _chat_invalid("messages must be a non-empty array", "messages")
+        raise invalid_request("messages", "messages must be a non-empty array")
     system, messages = _chat_parse_messages(raw_messages)
-    tools = _chat_get(body, "tools", list, "tools") or []
+    tools = request_field(body, "tools", list, "tools") or []
     tool_choice, tool_choice_name = _chat_parse_tool_choice(body.get("tool_choice"))
     max_completion_tokens = _chat_positive_int(body, "max_completion_tokens")
-    stream_options = _chat_get(body, "stream_options", dict, "stream_options") or {}
+    stream_options = request_field(body, "stream_options", dict, "stream_options") or {}
     return Conversation(
         model=model,
         messages=messages,
@@ -2078,17 +2082,17 @@ def chat_parse_request(body: dict) -> Conversation:
         tools=[_chat_parse_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)],
         tool_choice=tool_choice,
         tool_choice_name=tool_choice_name,
-        parallel_tool_calls=_chat_get(body, "parallel_tool_calls", bool, "parallel_tool_calls"),
+        parallel_tool_calls=request_field(body, "parallel_tool_calls", bool, "parallel_tool_calls"),
         max_tokens=max_completion_tokens if max_completion_tokens is not None
         else _chat_positive_int(body, "max_tokens"),
-        temperature=_chat_get(body, "temperature", float, "temperature"),
-        top_p=_chat_get(body, "top_p", float, "top_p"),
+        temperature=request_field(body, "temperature", float, "temperature"),
+        top_p=request_field(body, "top_p", float, "top_p"),
         stop=_chat_parse_stop(body.get("stop")),
-        stream=bool(_chat_get(body, "stream", bool, "stream")),
-        include_usage=bool(_chat_get(stream_options, "include_usage", bool, "stream_options.include_usage")),
+        stream=bool(request_field(body, "stream", bool, "stream")),
+        include_usage=bool(request_field(stream_options, "include_usage", bool, "stream_options.include_usage")),
         response_format=_chat_parse_response_format(body.get("response_format")),
-        reasoning_effort=_chat_get(body, "reasoning_effort", str, "reasoning_effort"),
-        user=_chat_get(body, "user", str, "user"),
+        reasoning_effort=request_field(body, "reasoning_effort", str, "reasoning_effort"),
+        user=request_field(body, "user", str, "user"),
     )
 
 
@@ -2326,10 +2330,10 @@ def chat_parse_response(body: dict) -> Reply:
         raise _chat_error_from_payload(body, "")
     try:
         if not isinstance(body, dict):
-            raise _chat_invalid("body must be a JSON object", None)
-        choices = _chat_get(body, "choices", list, "choices") or [{}]
+            raise invalid_request(None, "body must be a JSON object")
+        choices = request_field(body, "choices", list, "choices") or [{}]
         choice = choices[0] if isinstance(choices[0], dict) else {}
-        message = _chat_get(choice, "message", dict, "choices[0].message") or {}
+        message = request_field(choice, "message", dict, "choices[0].message") or {}
         parts = _chat_assistant_parts(message, "choices[0].message")
     except GatewayError as err:
         raise GatewayError(502, "api_error", f"upstream sent an invalid chat completion: {err.message}") from None
@@ -2652,23 +2656,17 @@ def messages_parse_error(status: int, body: bytes) -> GatewayError:
 
 
 # ---- request parsing -------------------------------------------------------------------------
-_MSG_TYPE_LABELS: dict[Any, str] = {str: "a string", int: "an integer", bool: "a boolean",
-                                    list: "an array", dict: "an object", (int, float): "a number"}
-
-
 def _msg_invalid(param: str, problem: str) -> GatewayError:
-    return GatewayError(400, "invalid_request", f"{param}: {problem}", param=param)
+    return invalid_request(param, f"{param}: {problem}")     # Anthropic's way of naming the field
 
 
-def _msg_get(obj: dict, key: str, kind: Any, where: str = "") -> Any:
+def _msg_get(obj: dict, key: str, kind: type, where: str = "") -> Any:
     """obj[key] if it has the expected JSON type, None if absent or null; raises a 400 otherwise."""
     value = obj.get(key)
-    # bool is an int subclass, but true is not a valid integer or number
-    if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+    if value is None or json_type_matches(value, kind):
         return value
     param = f"{where}.{key}" if where else key
-    label = _MSG_TYPE_LABELS[kind]
-    raise _msg_invalid(param, f"expected {label}")
+    raise _msg_invalid(param, f"expected {JSON_TYPE_NAMES[kind]}")
 
 
 def _msg_need(obj: dict, key: str, kind: Any, where: str = "") -> Any:
@@ -2880,8 +2878,8 @@ def messages_parse_request(body: dict) -> Conversation:
     conv.max_tokens = _msg_get(body, "max_tokens", int)
     if conv.max_tokens is not None and conv.max_tokens < 1:
         raise _msg_invalid("max_tokens", "must be at least 1")
-    conv.temperature = _msg_get(body, "temperature", (int, float))
-    conv.top_p = _msg_get(body, "top_p", (int, float))
+    conv.temperature = _msg_get(body, "temperature", float)
+    conv.top_p = _msg_get(body, "top_p", float)
     stops = _msg_get(body, "stop_sequences", list) or []
     if not all(isinstance(stop, str) for stop in stops):
         raise _msg_invalid("stop_sequences", "expected an array of strings")
@@ -3339,37 +3337,9 @@ class MessagesStreamEncoder:
 # ---- OpenAI Responses wire (`responses`) -----------------------------------------------------
 # Client side: Codex CLI and other /v1/responses clients reaching any provider. Provider side:
 # Chat and Messages clients reaching a responses-only model. Passthrough never comes here.
-_RESPONSES_JSON_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "string": ((str,), "a string"),
-    "integer": ((int,), "an integer"),
-    "number": ((int, float), "a number"),
-    "boolean": ((bool,), "a boolean"),
-    "array": ((list,), "an array"),
-    "object": ((dict,), "an object"),
-}
-
-
-def _responses_invalid(param: str | None, message: str) -> GatewayError:
-    return GatewayError(400, "invalid_request", message, param=param)
-
-
-def _responses_field(obj: dict, key: str, kind: str, param: str, *, required: bool = False) -> Any:
-    """obj[key] checked against a JSON kind; None when absent or null, unless required."""
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise _responses_invalid(param, f"Missing required parameter: '{param}'.")
-        return None
-    types, expected = _RESPONSES_JSON_KINDS[kind]
-    # bool is an int in Python but not a number in JSON
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise _responses_invalid(param, f"Invalid type for '{param}': expected {expected}.")
-    return value
-
-
 def _responses_object(value: Any, param: str) -> dict:
     if not isinstance(value, dict):
-        raise _responses_invalid(param, f"Invalid type for '{param}': expected an object.")
+        raise invalid_request(param, f"Invalid type for '{param}': expected an object.")
     return value
 
 
@@ -3386,8 +3356,8 @@ def _responses_safe_tool_name(raw: str, taken: set[str]) -> str:
 
 
 def _responses_tool_from_spec(spec: dict, where: str) -> Tool:
-    name = _responses_field(spec, "name", "string", f"{where}.name", required=True)
-    description = _responses_field(spec, "description", "string", f"{where}.description") or ""
+    name = request_field(spec, "name", str, f"{where}.name", required=True)
+    description = request_field(spec, "description", str, f"{where}.description") or ""
     # A schema or grammar that is not an object is treated as absent rather than rejected: the
     # tool stays usable and the provider still validates what it is given.
     if spec["type"] == "custom":
@@ -3410,12 +3380,12 @@ class _responses_ToolTable:
         for i, raw in enumerate(specs):
             where = f"{param}[{i}]"
             spec = _responses_object(raw, where)
-            kind = _responses_field(spec, "type", "string", f"{where}.type", required=True)
+            kind = request_field(spec, "type", str, f"{where}.type", required=True)
             if kind in ("function", "custom"):
                 self.add(_responses_tool_from_spec(spec, where), namespace)
             elif kind == "namespace" and not namespace:
-                self.read(_responses_field(spec, "tools", "array", f"{where}.tools", required=True), f"{where}.tools",
-                          _responses_field(spec, "name", "string", f"{where}.name", required=True))
+                self.read(request_field(spec, "tools", list, f"{where}.tools", required=True), f"{where}.tools",
+                          request_field(spec, "name", str, f"{where}.name", required=True))
             else:
                 self.skipped.append(kind)
 
@@ -3444,7 +3414,7 @@ def _responses_split_data_url(url: str, param: str) -> tuple[str, str]:
     """(media type, base64 payload) of a data: URL."""
     header, comma, data = url[5:].partition(",")
     if not comma or not header.endswith(";base64"):
-        raise _responses_invalid(param, f"Invalid data URL in '{param}': expected data:<media type>;base64,<data>.")
+        raise invalid_request(param, f"Invalid data URL in '{param}': expected data:<media type>;base64,<data>.")
     return header[:-7], data
 
 
@@ -3453,9 +3423,9 @@ def _responses_is_text_media(media_type: str) -> bool:
 
 
 def _responses_input_image(part: dict, where: str) -> Text | Image:
-    url = _responses_field(part, "image_url", "string", f"{where}.image_url")
+    url = request_field(part, "image_url", str, f"{where}.image_url")
     if url is None:
-        file_id = _responses_field(part, "file_id", "string", f"{where}.image_url", required=True)
+        file_id = request_field(part, "file_id", str, f"{where}.image_url", required=True)
         return Text(f"[image {file_id} omitted: OpenAI file ids cannot be forwarded]")
     if url.startswith("data:"):
         media_type, data = _responses_split_data_url(url, f"{where}.image_url")
@@ -3464,8 +3434,8 @@ def _responses_input_image(part: dict, where: str) -> Text | Image:
 
 
 def _responses_input_file(part: dict, where: str) -> Text:
-    data = _responses_field(part, "file_data", "string", f"{where}.file_data")
-    name = (_responses_field(part, "filename", "string", f"{where}.filename")
+    data = request_field(part, "file_data", str, f"{where}.file_data")
+    name = (request_field(part, "filename", str, f"{where}.filename")
             or part.get("file_id") or part.get("file_url") or "file")
     if data is not None:
         if data.startswith("data:"):
@@ -3484,9 +3454,9 @@ def _responses_content_part(raw: Any, where: str) -> Part | None:
     part = _responses_object(raw, where)
     kind = part.get("type")
     if kind in ("input_text", "output_text"):
-        return Text(_responses_field(part, "text", "string", f"{where}.text", required=True))
+        return Text(request_field(part, "text", str, f"{where}.text", required=True))
     if kind == "refusal":
-        return Refusal(_responses_field(part, "refusal", "string", f"{where}.refusal", required=True))
+        return Refusal(request_field(part, "refusal", str, f"{where}.refusal", required=True))
     if kind == "input_image":
         return _responses_input_image(part, where)
     if kind == "input_file":
@@ -3498,7 +3468,7 @@ def _responses_content_parts(content: Any, where: str) -> list[Part]:
     if isinstance(content, str):
         return [Text(content)]
     if not isinstance(content, list):
-        raise _responses_invalid(where, f"Invalid type for '{where}': expected a string or an array.")
+        raise invalid_request(where, f"Invalid type for '{where}': expected a string or an array.")
     parts = (_responses_content_part(raw, f"{where}[{j}]") for j, raw in enumerate(content))
     return [part for part in parts if part is not None]
 
@@ -3528,38 +3498,38 @@ def _responses_append(messages: list[Message], role: str, parts: list[Part]) -> 
 def _responses_read_item(item: dict, where: str, tools: _responses_ToolTable, conv: Conversation) -> None:
     kind = item.get("type", "message")   # easy input messages carry only role and content
     if kind == "message":
-        role = _responses_field(item, "role", "string", f"{where}.role", required=True)
+        role = request_field(item, "role", str, f"{where}.role", required=True)
         parts = _responses_content_parts(item.get("content"), f"{where}.content")
         if role in ("system", "developer"):
             conv.system.extend(part.text for part in parts if isinstance(part, Text))
         elif role in ("user", "assistant"):
             _responses_append(conv.messages, role, parts)
         else:
-            raise _responses_invalid(f"{where}.role", f"Invalid value for '{where}.role': expected one of "
+            raise invalid_request(f"{where}.role", f"Invalid value for '{where}.role': expected one of "
                                             "'user', 'assistant', 'system' or 'developer'.")
     elif kind in ("function_call", "custom_tool_call"):
         custom = kind == "custom_tool_call"
-        call_id = _responses_field(item, "call_id", "string", f"{where}.call_id", required=True)
-        name = _responses_field(item, "name", "string", f"{where}.name", required=True)
-        namespace = _responses_field(item, "namespace", "string", f"{where}.namespace") or ""
+        call_id = request_field(item, "call_id", str, f"{where}.call_id", required=True)
+        name = request_field(item, "name", str, f"{where}.name", required=True)
+        namespace = request_field(item, "namespace", str, f"{where}.namespace") or ""
         key = "input" if custom else "arguments"
-        payload = _responses_field(item, key, "string", f"{where}.{key}")
+        payload = request_field(item, key, str, f"{where}.{key}")
         arguments = payload if payload is not None else ("" if custom else "{}")
         _responses_append(conv.messages, "assistant",
                 [ToolCall(call_id, tools.provider_name(namespace, name), arguments, custom)])
     elif kind in ("function_call_output", "custom_tool_call_output"):
-        call_id = _responses_field(item, "call_id", "string", f"{where}.call_id", required=True)
+        call_id = request_field(item, "call_id", str, f"{where}.call_id", required=True)
         output = item.get("output")
         if isinstance(output, list):
             content = [p for p in _responses_content_parts(output, f"{where}.output") if isinstance(p, (Text, Image))]
         elif isinstance(output, str):
             content = [Text(output)]
         else:
-            raise _responses_invalid(f"{where}.output", f"Invalid type for '{where}.output': expected a string or an array.")
+            raise invalid_request(f"{where}.output", f"Invalid type for '{where}.output': expected a string or an array.")
         _responses_append(conv.messages, "user", [ToolResult(call_id, content, custom=kind == "custom_tool_call_output")])
     elif kind == "reasoning":
         text = _responses_reasoning_text(item)
-        encrypted = _responses_field(item, "encrypted_content", "string", f"{where}.encrypted_content") or ""
+        encrypted = request_field(item, "encrypted_content", str, f"{where}.encrypted_content") or ""
         if text or encrypted:
             _responses_append(conv.messages, "assistant", [Thinking(text, encrypted=encrypted)])
     # additional_tools were read with the tools; configuration_update, item_reference and other
@@ -3570,28 +3540,28 @@ def _responses_read_item(item: dict, where: str, tools: _responses_ToolTable, co
 def _responses_read_tool_choice(raw: Any, tools: _responses_ToolTable, conv: Conversation) -> None:
     if isinstance(raw, str):
         if raw not in ("auto", "none", "required"):
-            raise _responses_invalid("tool_choice", "Invalid value for 'tool_choice': expected 'auto', 'none' or 'required'.")
+            raise invalid_request("tool_choice", "Invalid value for 'tool_choice': expected 'auto', 'none' or 'required'.")
         conv.tool_choice = raw
     elif isinstance(raw, dict):
         kind = raw.get("type")
         if kind in ("function", "custom"):
-            name = _responses_field(raw, "name", "string", "tool_choice.name", required=True)
+            name = request_field(raw, "name", str, "tool_choice.name", required=True)
             conv.tool_choice = "tool"
             conv.tool_choice_name = tools.provider_name(raw.get("namespace") or "", name)
         else:   # allowed_tools and built-in tools have no portable equivalent beyond their mode
             conv.tool_choice = "required" if kind == "allowed_tools" and raw.get("mode") == "required" else "auto"
     elif raw is not None:
-        raise _responses_invalid("tool_choice", "Invalid type for 'tool_choice': expected a string or an object.")
+        raise invalid_request("tool_choice", "Invalid type for 'tool_choice': expected a string or an object.")
 
 
 def _responses_read_text_format(text: dict) -> dict[str, Any] | None:
-    fmt = _responses_field(text, "format", "object", "text.format")
+    fmt = request_field(text, "format", dict, "text.format")
     kind = fmt.get("type") if fmt else None
     if kind == "json_schema":
         return {"type": "json_schema",
-                "name": _responses_field(fmt, "name", "string", "text.format.name", required=True),
-                "schema": _responses_field(fmt, "schema", "object", "text.format.schema", required=True),
-                "strict": bool(_responses_field(fmt, "strict", "boolean", "text.format.strict"))}
+                "name": request_field(fmt, "name", str, "text.format.name", required=True),
+                "schema": request_field(fmt, "schema", dict, "text.format.schema", required=True),
+                "strict": bool(request_field(fmt, "strict", bool, "text.format.strict"))}
     if kind == "json_object":
         return {"type": "json_object"}
     return None
@@ -3599,38 +3569,38 @@ def _responses_read_text_format(text: dict) -> dict[str, Any] | None:
 
 def responses_parse_request(body: dict) -> Conversation:
     body = _responses_object(body, "body")
-    conv = Conversation(_responses_field(body, "model", "string", "model", required=True))
-    instructions = _responses_field(body, "instructions", "string", "instructions")
+    conv = Conversation(request_field(body, "model", str, "model", required=True))
+    instructions = request_field(body, "instructions", str, "instructions")
     if instructions:
         conv.system.append(instructions)
     tools = _responses_ToolTable()
-    tools.read(_responses_field(body, "tools", "array", "tools") or [], "tools")
+    tools.read(request_field(body, "tools", list, "tools") or [], "tools")
     raw_input = body.get("input")
     if isinstance(raw_input, str):
         conv.messages.append(Message("user", [Text(raw_input)]))
     elif raw_input is not None:
-        items = [_responses_object(item, f"input[{i}]") for i, item in enumerate(_responses_field(body, "input", "array", "input"))]
+        items = [_responses_object(item, f"input[{i}]") for i, item in enumerate(request_field(body, "input", list, "input"))]
         # Codex sends its tools in an additional_tools item; they must be known before any call names them.
         for i, item in enumerate(items):
             if item.get("type") == "additional_tools":
-                tools.read(_responses_field(item, "tools", "array", f"input[{i}].tools") or [], f"input[{i}].tools")
+                tools.read(request_field(item, "tools", list, f"input[{i}].tools") or [], f"input[{i}].tools")
         for i, item in enumerate(items):
             _responses_read_item(item, f"input[{i}]", tools, conv)
     conv.tools = tools.tools
     _responses_read_tool_choice(body.get("tool_choice"), tools, conv)
-    conv.parallel_tool_calls = _responses_field(body, "parallel_tool_calls", "boolean", "parallel_tool_calls")
-    conv.max_tokens = _responses_field(body, "max_output_tokens", "integer", "max_output_tokens")
+    conv.parallel_tool_calls = request_field(body, "parallel_tool_calls", bool, "parallel_tool_calls")
+    conv.max_tokens = request_field(body, "max_output_tokens", int, "max_output_tokens")
     if conv.max_tokens is not None and conv.max_tokens < 1:
-        raise _responses_invalid("max_output_tokens", "Invalid 'max_output_tokens': expected a positive integer.")
-    conv.temperature = _responses_field(body, "temperature", "number", "temperature")
-    conv.top_p = _responses_field(body, "top_p", "number", "top_p")
-    conv.stream = bool(_responses_field(body, "stream", "boolean", "stream"))
-    text = _responses_field(body, "text", "object", "text")
+        raise invalid_request("max_output_tokens", "Invalid 'max_output_tokens': expected a positive integer.")
+    conv.temperature = request_field(body, "temperature", float, "temperature")
+    conv.top_p = request_field(body, "top_p", float, "top_p")
+    conv.stream = bool(request_field(body, "stream", bool, "stream"))
+    text = request_field(body, "text", dict, "text")
     conv.response_format = _responses_read_text_format(text) if text else None
-    reasoning = _responses_field(body, "reasoning", "object", "reasoning") or {}
-    conv.reasoning_effort = _responses_field(reasoning, "effort", "string", "reasoning.effort")
-    conv.user = (_responses_field(body, "safety_identifier", "string", "safety_identifier")
-                 or _responses_field(body, "user", "string", "user"))
+    reasoning = request_field(body, "reasoning", dict, "reasoning") or {}
+    conv.reasoning_effort = request_field(reasoning, "effort", str, "reasoning.effort")
+    conv.user = (request_field(body, "safety_identifier", str, "safety_identifier")
+                 or request_field(body, "user", str, "user"))
     conv.tool_namespaces, conv.unportable_tools = tools.name_map, tools.skipped
     return conv
 
@@ -5366,7 +5336,6 @@ USAGE_SUMMARY_PARAMETERS: dict[str, Callable[[str], Any]] = {"since": parse_time
 USAGE_LOG_PARAMETERS: dict[str, Callable[[str], Any]] = {
     **USAGE_SUMMARY_PARAMETERS, "limit": int, "offset": int, "model": str, "provider": str, "key_id": int,
     "status": int}
-JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
 
 def json_fields(request: Request, types: dict[str, tuple[type, ...]], required: tuple[str, ...] = ()
