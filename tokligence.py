@@ -4275,14 +4275,24 @@ class Responder:
 Handler = Callable[[Request, Responder], Any]
 
 
+class BrokenRequest(Exception):
+    """A request that could not be read (malformed, too large, too slow); its path, once its head has
+    arrived, decides the wire its error is worded in."""
+
+    def __init__(self, path: str, error: GatewayError):
+        super().__init__(error.message)
+        self.path = path
+        self.error = error
+
+
 class HTTPServer:
     """asyncio + h11 server. `handler(request, responder)` must send a complete response."""
 
-    def __init__(self, handler: Handler, settings: Settings, on_error: Callable[[Request | None, GatewayError],
-                 tuple[int, list[tuple[str, str]], bytes]]):
+    def __init__(self, handler: Handler, settings: Settings,
+                 on_error: Callable[[str, GatewayError], tuple[int, list[tuple[str, str]], bytes]]):
         self.handler = handler
         self.settings = settings
-        self.render_error = on_error     # renders protocol-level errors (400, 408, 413) for a request
+        self.render_error = on_error     # renders a broken request's error (400, 408, 413) for its path
         self.server: asyncio.AbstractServer | None = None
         self.busy: set[asyncio.Task] = set()
         self.idle: set[asyncio.Task] = set()
@@ -4315,7 +4325,6 @@ class HTTPServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         peername = writer.get_extra_info("peername")
         peer = peername[0] if peername else ""
-        request: Request | None = None
         try:
             while not self.closing:
                 self._mark(task, busy=False)
@@ -4329,9 +4338,9 @@ class HTTPServer:
                 conn.start_next_cycle()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        except GatewayError as exc:
+        except BrokenRequest as broken:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):   # h11 lets a server answer a broken request
-                status, headers, body = self.render_error(request, exc)
+                status, headers, body = self.render_error(broken.path, broken.error)
                 try:
                     await Responder(conn, reader, writer).respond(status, headers + [("connection", "close")], body)
                 except (ConnectionError, h11.LocalProtocolError):
@@ -4350,8 +4359,10 @@ class HTTPServer:
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter, peer: str, task: asyncio.Task) -> Request | None:
-        """The next request with its whole body, or None when the client is done."""
+        """The next request with its whole body, or None when the client is done; BrokenRequest when
+        it cannot be read."""
         settings = self.settings
+        path = ""
         timeout = settings.idle_timeout
         head: h11.Request | None = None
         body: list[bytes] = []
@@ -4361,7 +4372,8 @@ class HTTPServer:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise GatewayError(exc.error_status_hint, "invalid_request", f"malformed HTTP request: {exc}")
+                raise BrokenRequest(path, GatewayError(exc.error_status_hint, "invalid_request",
+                                                       f"malformed HTTP request: {exc}")) from None
             if event is h11.NEED_DATA:
                 try:
                     async with asyncio.timeout(timeout):
@@ -4369,26 +4381,28 @@ class HTTPServer:
                 except TimeoutError:
                     if head is None and not conn.trailing_data[0]:
                         return None                   # idle keep-alive connection: close quietly
-                    raise GatewayError(408, "timeout", "timed out reading the request") from None
+                    raise BrokenRequest(path, GatewayError(408, "timeout", "timed out reading the request")
+                                        ) from None
                 conn.receive_data(data)
                 if head is None and data:
                     timeout = settings.header_timeout
                 continue
             if isinstance(event, h11.Request):
                 head, started = event, time.perf_counter()
+                path = head.target.decode("latin-1").partition("?")[0]
                 self._mark(task, busy=True)
                 length = _content_length(event.headers)
                 if length is not None and length > settings.max_body_bytes:
-                    raise GatewayError(413, "too_large", f"request body of {length} bytes exceeds the "
-                                       f"limit of {settings.max_body_bytes} bytes")
+                    raise BrokenRequest(path, GatewayError(413, "too_large", f"request body of {length} bytes "
+                                                           f"exceeds the limit of {settings.max_body_bytes} bytes"))
                 if conn.they_are_waiting_for_100_continue:
                     writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 timeout = settings.read_timeout
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > settings.max_body_bytes:
-                    raise GatewayError(413, "too_large", f"request body exceeds the limit of "
-                                       f"{settings.max_body_bytes} bytes")
+                    raise BrokenRequest(path, GatewayError(413, "too_large", f"request body exceeds the limit "
+                                                           f"of {settings.max_body_bytes} bytes"))
                 body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
@@ -5515,8 +5529,8 @@ class Gateway:
             headers.append(("x-request-id", request_id))
         return err.status, headers, json.dumps(WIRES[wire].error_body(err)).encode()
 
-    def protocol_error(self, request: Request | None, err: GatewayError) -> tuple[int, list[tuple[str, str]], bytes]:
-        return self.error_response(client_wire_of(request.path if request else ""), err)
+    def protocol_error(self, path: str, err: GatewayError) -> tuple[int, list[tuple[str, str]], bytes]:
+        return self.error_response(client_wire_of(path), err)
 
     # ---- inference endpoints -------------------------------------------------------------------
     async def chat_completions(self, request: Request, responder: Responder) -> None:

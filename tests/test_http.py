@@ -83,6 +83,17 @@ def test_body_over_the_limit_gets_413_in_openai_shape_before_it_is_sent(gateway_
     assert "exceeds the limit of 1000 bytes" in error["message"]
 
 
+def test_body_over_the_limit_on_the_messages_route_gets_413_in_anthropic_shape(gateway_factory):
+    gw = gateway_factory("[gateway]\nmax_body_bytes = 1000\n")
+    for _ in range(2):      # also on a kept-alive connection that served a chat request first
+        reply = raw_exchange(gw.port, post("/v1/chat/completions", chat_body("first"))
+                             + b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n\r\n")
+        last = reply.rsplit(b"HTTP/1.1 ", 1)[1]
+        assert last.startswith(b"413")
+        error = json.loads(last.split(b"\r\n\r\n", 1)[1])
+        assert error["type"] == "error" and error["error"]["type"] == "request_too_large"
+
+
 def test_chunked_body_over_the_limit_gets_413(gateway_factory):
     gw = gateway_factory("[gateway]\nmax_body_bytes = 1000\n")
     chunk = b"x" * 600
