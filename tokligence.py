@@ -1408,6 +1408,18 @@ class SSEParser:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
         start, position, size = 0, self._parsed, len(buffer)
+        if b"\r" not in buffer:
+            # Line feeds only, as providers send: the lines come from one split, made in C.
+            for line in buffer[position:].split(b"\n")[:-1]:
+                position += len(line) + 1
+                if line:
+                    self._field(line)
+                elif self._has_field:
+                    events.append(SSEEvent(self._event, "\n".join(self._data), self._id, self._retry,
+                                           buffer[start:position]))
+                    self._event, self._data, self._retry, self._has_field = None, [], None, False
+                    start = position
+            size = position        # the unfinished line waits for the next chunk
         while position < size:
             newline = buffer.find(b"\n", position)
             carriage = buffer.find(b"\r", position, newline if newline >= 0 else size)

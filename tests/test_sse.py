@@ -54,3 +54,17 @@ def test_writer_output_parses_back():
     events = tk.SSEParser().feed(payload)
     assert summary(events) == [("content_block_delta", '{"type":"x","text":"a\\nb"}', None, None),
                                (None, "[DONE]", None, None)]
+
+
+LF_STREAM = (b": comment\nevent: a\ndata: 1\ndata: 2\n\n\ndata: {\"x\": \"\xc3\xa9\"}\nid: 9\n\ndata:\n\n"
+             b"retry: 10\ndata: last\n\n")
+LF_EXPECTED = [("a", "1\n2", None, None), (None, '{"x": "\u00e9"}', "9", None), (None, "", "9", None),
+               (None, "last", "9", 10)]
+
+
+@pytest.mark.parametrize("split", range(1, len(LF_STREAM)))
+def test_line_feed_only_streams_split_anywhere_give_the_same_events_and_bytes(split):
+    parser = tk.SSEParser()
+    events = parser.feed(LF_STREAM[:split]) + parser.feed(LF_STREAM[split:])
+    assert summary(events) == LF_EXPECTED
+    assert b"".join(e.raw for e in events) == LF_STREAM
