@@ -5278,7 +5278,10 @@ class Accounts:
 
     def edit_user(self, ref: int | str, **fields: str) -> dict[str, Any]:
         """Changes any of email, name, role and status; a change to status disabled is a user.disabled."""
-        user = update_user(self.conn, find_user(self.conn, ref)["id"], **fields)
+        user = find_user(self.conn, ref)
+        if fields.get("role", "admin") != "admin" or fields.get("status", "active") != "active":
+            self._keep_an_admin(user)
+        user = update_user(self.conn, user["id"], **fields)
         event = "user.disabled" if fields.get("status") == "disabled" else "user.updated"
         self._emit(event, user["id"], user=user, changed=sorted(fields))
         return user
@@ -5290,6 +5293,7 @@ class Accounts:
     def remove_user(self, ref: int | str) -> dict[str, Any]:
         """Deletes the user and their keys (their ledger rows stay); returns the user as it was."""
         user = find_user(self.conn, ref)
+        self._keep_an_admin(user)
         delete_user(self.conn, user["id"])
         self._emit("user.deleted", user["id"], user=user)
         return user
@@ -5314,6 +5318,13 @@ class Accounts:
             raise GatewayError(404, "not_found", str(error), code="key_not_found") from None
         self._emit("key.revoked", key["user_id"], key=key)
         return key
+
+    def _keep_an_admin(self, user: dict[str, Any]) -> None:
+        """Refuses to demote, disable or delete the last active admin: nobody could manage users then."""
+        if user["role"] == "admin" and user["status"] == "active" and not self.conn.execute(
+                "SELECT 1 FROM users WHERE role = 'admin' AND status = 'active' AND id != ?", (user["id"],)
+        ).fetchone():
+            raise ValueError(f"{user['email']} is the last active admin: make another admin first")
 
     def _emit(self, event_type: str, user_id: int, **metadata: Any) -> None:
         log.info("%s", LogEvent(event_type, {"user": user_id, "actor": self.actor}))

@@ -128,6 +128,18 @@ def test_errors_are_json_in_openai_shape(team, method, path, body, status, messa
     assert error["type"] == "invalid_request_error"
 
 
+def test_the_last_active_admin_cannot_be_demoted_disabled_or_deleted(team):
+    first = call(team, "GET", "/api/v1/admin/users", key=ADMIN_KEY).json()["data"][0]
+    for method, path, body in (("PATCH", f"/api/v1/admin/users/{first['id']}", {"role": "user"}),
+                               ("POST", f"/api/v1/admin/users/{first['id']}/disable", None),
+                               ("DELETE", f"/api/v1/admin/users/{first['id']}", None)):
+        refused = call(team, method, path, body, key=ADMIN_KEY)
+        assert refused.status == 400 and "last active admin" in refused.json()["error"]["message"]
+    second, second_key = add_user(team, "second@example.com", role="admin")
+    assert call(team, "POST", f"/api/v1/admin/users/{first['id']}/disable", key=second_key).status == 200
+    assert call(team, "DELETE", f"/api/v1/admin/users/{second['id']}", key=second_key).status == 400
+
+
 def test_a_method_the_endpoint_lacks_is_a_405_naming_the_allowed_ones(team):
     reply = call(team, "PUT", "/api/v1/admin/users/1", {}, key=ADMIN_KEY)
     assert reply.status == 405 and reply.headers["allow"] == "GET, PATCH, DELETE, POST"
