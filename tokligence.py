@@ -5656,7 +5656,7 @@ class Gateway:
             "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_read_tokens": u.cache_read,
             "cache_write_tokens": u.cache_write, "reasoning_tokens": u.reasoning, "latency_ms": latency,
             "ttfb_ms": ex.ttfb * 1000 if ex.ttfb is not None else latency,
-            "overhead_ms": max(0.0, latency - ex.upstream_wait * 1000),
+            "overhead_ms": ex.overhead_ms(),
             "cost_usd": cost_usd(u.input_tokens, u.output_tokens, u.cache_read, u.cache_write, price)})
 
     def response_headers(self, ex: Exchange, base: list[tuple[str, str]]) -> list[tuple[str, str]]:
