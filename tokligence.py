@@ -1392,6 +1392,31 @@ class SSEEvent:
     raw: bytes = b""           # the event's exact bytes (with any comments before it), for relays
 
 
+def _sse_lines(buffer: bytes, position: int) -> Iterator[tuple[bytes, int]]:
+    """The complete lines of buffer from position on (LF, CRLF or CR ends), each with the offset just
+    past its end."""
+    if b"\r" not in buffer:
+        # Line feeds only, as providers send: the lines come from one split, made in C.
+        for line in buffer[position:].split(b"\n")[:-1]:
+            position += len(line) + 1
+            yield line, position
+        return
+    size = len(buffer)
+    while position < size:
+        newline = buffer.find(b"\n", position)
+        carriage = buffer.find(b"\r", position, newline if newline >= 0 else size)
+        if carriage >= 0:
+            if carriage + 1 == size:
+                return             # a CR at the end may be half of a CRLF: wait for the next byte
+            end, following = carriage, carriage + (2 if buffer[carriage + 1] == 10 else 1)
+        elif newline >= 0:
+            end, following = newline, newline + 1
+        else:
+            return
+        yield buffer[position:end], following
+        position = following
+
+
 class SSEParser:
     """Splits a byte stream into SSE events per the HTML spec (LF, CRLF or CR line ends)."""
 
@@ -1407,32 +1432,8 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
-        start, position, size = 0, self._parsed, len(buffer)
-        if b"\r" not in buffer:
-            # Line feeds only, as providers send: the lines come from one split, made in C.
-            for line in buffer[position:].split(b"\n")[:-1]:
-                position += len(line) + 1
-                if line:
-                    self._field(line)
-                elif self._has_field:
-                    events.append(SSEEvent(self._event, "\n".join(self._data), self._id, self._retry,
-                                           buffer[start:position]))
-                    self._event, self._data, self._retry, self._has_field = None, [], None, False
-                    start = position
-            size = position        # the unfinished line waits for the next chunk
-        while position < size:
-            newline = buffer.find(b"\n", position)
-            carriage = buffer.find(b"\r", position, newline if newline >= 0 else size)
-            if carriage >= 0:
-                if carriage + 1 == size:
-                    break          # a CR at the end may be half of a CRLF: wait for the next byte
-                end, next_line = carriage, carriage + (2 if buffer[carriage + 1] == 10 else 1)
-            elif newline >= 0:
-                end, next_line = newline, newline + 1
-            else:
-                break
-            line = buffer[position:end]
-            position = next_line
+        start, position = 0, self._parsed
+        for line, position in _sse_lines(buffer, position):
             if line:
                 self._field(line)
             elif self._has_field:
