@@ -59,6 +59,7 @@ import h11
 
 __version__ = "0.1.0"
 log = logging.getLogger("tokligence")
+request_log = logging.getLogger("tokligence.requests")    # a line per request, flushed in batches
 
 # ================================================================================================
 # Foundations
@@ -1352,7 +1353,79 @@ class HookRunner:
 SECONDS_PER_DAY = 86_400
 
 
-class RotatingLogHandler(logging.handlers.RotatingFileHandler):
+LOG_FLUSH_SECONDS = 0.2
+
+
+class LogFlusher:
+    """Flushes log handlers from one background thread, at most LOG_FLUSH_SECONDS after a request
+    line was written: a flush per line would cost a write syscall per request. Started on first use."""
+
+    def __init__(self) -> None:
+        self._dirty: set[logging.Handler] = set()
+        self._pending = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def mark(self, handler: logging.Handler) -> None:
+        self._dirty.add(handler)
+        if not self._pending.is_set():
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="tokligence-log-flush", daemon=True)
+                    self._thread.start()
+            self._pending.set()
+
+    def _run(self) -> None:
+        while True:
+            self._pending.wait()
+            time.sleep(LOG_FLUSH_SECONDS)
+            self._pending.clear()
+            dirty, self._dirty = self._dirty, set()
+            for handler in dirty:
+                with handler.lock, contextlib.suppress(OSError, ValueError):   # ValueError: closed since
+                    handler.flush()       # emit holds the lock, so `deferring` is False here
+
+
+LOG_FLUSHER = LogFlusher()
+
+
+class DeferredFlush(logging.StreamHandler):
+    """A stream handler whose request lines (request_log) reach the file within LOG_FLUSH_SECONDS
+    instead of at once; any other record, close() and logging.shutdown() at exit flush at once."""
+
+    deferring = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.deferring = record.name == request_log.name
+        try:
+            super().emit(record)
+        finally:
+            self.deferring = False
+
+    def flush(self) -> None:
+        if self.deferring:
+            LOG_FLUSHER.mark(self)
+        else:
+            super().flush()
+
+
+class ConsoleLogHandler(DeferredFlush):
+    """Standard output or error. On a terminal every line shows at once; a pipe or file (a service
+    manager, Docker) gets its own buffered stream on the same descriptor, since PYTHONUNBUFFERED,
+    which containers often set, would otherwise cost a write syscall per line."""
+
+    def __init__(self, stream: Any) -> None:
+        try:
+            if not stream.isatty():
+                stream.flush()
+                stream = open(stream.fileno(), "w", encoding=stream.encoding, errors="backslashreplace",
+                              closefd=False)
+        except (AttributeError, OSError, ValueError):
+            pass          # no descriptor (e.g. a test's captured output): write to it as it is
+        super().__init__(stream)
+
+
+class RotatingLogHandler(DeferredFlush, logging.handlers.RotatingFileHandler):
     """A log file that rolls over at UTC midnight and whenever it would grow past max_bytes (0: never
     by size), keeping backup_count old files (path.1 the newest). Logging to stdout ("-") is the
     caller's choice and does not come here."""
@@ -1362,11 +1435,18 @@ class RotatingLogHandler(logging.handlers.RotatingFileHandler):
         file.parent.mkdir(parents=True, exist_ok=True)
         # A file last written on an earlier day rolls over with today's first record.
         last_written = file.stat().st_mtime if file.exists() else time.time()
+        # Never roll over what is not a regular file, such as /dev/null.
+        self._regular = not file.exists() or file.is_file()
         super().__init__(file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
         self._next_midnight = _storage_next_utc_midnight(last_written)
+        self._size = file.stat().st_size if self._regular else 0    # counted here, not asked of the file
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:
-        return record.created >= self._next_midnight or bool(super().shouldRollover(record))
+        line = len(self.format(record)) + len(self.terminator)
+        roll = self._regular and (record.created >= self._next_midnight
+                                  or 0 < self._size and 0 < self.maxBytes <= self._size + line)
+        self._size = (0 if roll else self._size) + line
+        return roll
 
     def doRollover(self) -> None:
         super().doRollover()
@@ -1656,9 +1736,27 @@ def error_kind_for_status(status: int) -> str:
     return ERROR_KINDS_BY_STATUS.get(status) or ("api_error" if status >= 500 else "invalid_request")
 
 
+class _RandomHex:
+    """Hex from os.urandom, read 6 KiB at a time: a syscall per id costs more than the rest of it."""
+
+    __slots__ = ("_pool", "_used")
+
+    def __init__(self) -> None:
+        self._pool, self._used = b"", 0
+
+    def take(self, size: int) -> str:
+        if self._used + size > len(self._pool):
+            self._pool, self._used = os.urandom(6144), 0
+        self._used += size
+        return self._pool[self._used - size:self._used].hex()
+
+
+_random_hex = _RandomHex()
+
+
 def new_id(prefix: str) -> str:
     """Random id with a wire's prefix (chatcmpl-, msg_, resp_, call_, toolu_ …); tests may patch it."""
-    return prefix + secrets.token_hex(12)
+    return prefix + _random_hex.take(12)
 
 
 def reply_events(reply: Reply) -> list[Event]:
@@ -4214,6 +4312,24 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "accept-encoding", "expect", "content-encoding"})
 
 
+# h11's grammar for the header lines it sends: a token name, and a value without NUL, CR or LF or
+# whitespace at either end. Checking a whole head against it at once costs a fraction of h11's own
+# check per header, so heads that pass go to h11 as already checked (its `_parsed` flag).
+VALID_HEADER_LINES = re.compile(r"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:"
+                                r"(?:[^\x00\t\n\x0b\x0c\r ]+(?:[ \t]+[^\x00\t\n\x0b\x0c\r ]+)*)?\n)*")
+
+
+def checked_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
+    """The headers as bytes that h11 may send unchecked, or None if one is not valid HTTP: h11's
+    own check then says which."""
+    if not VALID_HEADER_LINES.fullmatch("".join([f"{name}:{value}\n" for name, value in headers])):
+        return None
+    try:
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    except UnicodeEncodeError:
+        return None
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -4257,8 +4373,11 @@ class Responder:
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.started, self.status = True, status
-        self._head = self._conn.send(h11.Response(status_code=status, headers=headers,
-                                                  reason=REASONS.get(status, b"")))
+        reason = REASONS.get(status, b"")
+        checked = checked_headers(headers)
+        head = (h11.Response(status_code=status, headers=headers, reason=reason) if checked is None else
+                h11.Response(status_code=status, headers=checked, reason=reason, http_version=b"1.1", _parsed=True))
+        self._head = self._conn.send(head)
 
     async def send(self, data: bytes) -> None:
         """Write a body chunk and wait while the client is slow; raises ConnectionError if it left."""
@@ -4502,11 +4621,73 @@ class UpstreamConnection:
         self.writer.transport.abort()
 
 
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+MAX_CHUNK_LINE_BYTES = 4096
+
+
+class ChunkedBody:
+    """Sans-IO reader of a chunked body (RFC 9112 §7.1): feed(data) returns the payload that data
+    completes; `done` once the last chunk and its trailer section are in, `extra` holds anything the
+    peer sent after them. h11 reads the provider's response head, and a chunked body is read here:
+    h11 spends several µs on each chunk, and providers stream one chunk per server-sent event."""
+
+    __slots__ = ("_pending", "_left", "_crlf_due", "_trailer", "done", "extra")
+
+    def __init__(self) -> None:
+        self._pending = b""      # an incomplete size line, trailer line or chunk-ending CRLF
+        self._left = 0           # payload bytes of the current chunk still to come
+        self._crlf_due = False   # the CRLF that ends a chunk's payload comes next
+        self._trailer = False    # the last (zero-size) chunk is in: trailer lines until an empty one
+        self.done = False
+        self.extra = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Payload pieces in order; raises UpstreamError when the framing is broken or data is
+        b"" (the peer closed) before the body is complete."""
+        if not data and not self.done:
+            raise UpstreamError("provider closed the connection mid-response")
+        buffer = self._pending + data if self._pending else data
+        end, at, payload = len(buffer), 0, []
+        while at < end and not self.done:
+            if self._left:
+                take = min(self._left, end - at)
+                payload.append(buffer[at:at + take])
+                at += take
+                self._left -= take
+                self._crlf_due = not self._left
+            elif self._crlf_due:
+                if end - at < 2:
+                    break
+                if buffer[at:at + 2] != b"\r\n":
+                    raise UpstreamError("provider broke the HTTP exchange: a chunk does not end with CRLF")
+                at += 2
+                self._crlf_due = False
+            else:
+                line_end = buffer.find(b"\r\n", at)
+                if line_end < 0:
+                    if end - at > MAX_CHUNK_LINE_BYTES:
+                        raise UpstreamError("provider broke the HTTP exchange: chunk line too long")
+                    break
+                line, at = buffer[at:line_end], line_end + 2
+                if self._trailer:
+                    self.done = not line
+                    continue
+                size = line.partition(b";")[0].strip(b" \t")     # chunk extensions are ignored
+                if not CHUNK_SIZE.fullmatch(size):
+                    raise UpstreamError(f"provider broke the HTTP exchange: bad chunk size line {line[:40]!r}")
+                self._left = int(size, 16)
+                self._trailer = not self._left
+        rest = buffer[at:]
+        self._pending, self.extra = (b"", rest) if self.done else (rest, b"")
+        return payload
+
+
 class UpstreamResponse:
     """Status and headers at once; the body read incrementally with `chunks()` or whole with `read()`."""
 
     def __init__(self, pool: "UpstreamPool", connection: UpstreamConnection, status: int,
-                 headers: list[tuple[bytes, bytes]], waited: float):
+                 headers: list[tuple[bytes, bytes]], waited: float, chunked: bool = False,
+                 keep_alive: bool = True):
         self._pool = pool
         self._connection: UpstreamConnection | None = connection
         self.status = status
@@ -4515,53 +4696,89 @@ class UpstreamResponse:
         encoding = next((v.lower() for n, v in headers if n == b"content-encoding"), b"identity")
         # Asked for identity, but some servers compress anyway; wbits 47 accepts gzip and zlib.
         self._inflate = zlib.decompressobj(47) if encoding in (b"gzip", b"deflate", b"x-gzip") else None
+        self._chunked = ChunkedBody() if chunked else None    # else h11 reads the body
+        self._keep_alive = keep_alive
 
     def header(self, name: bytes) -> str | None:
         return next((v.decode("latin-1") for n, v in self.headers if n == name), None)
 
+    def _payload(self, connection: UpstreamConnection, data: bytes | None) -> tuple[list[bytes], bool]:
+        """The body bytes that data completes (None: the bytes h11 holds past the head), and
+        whether the body is complete."""
+        chunked = self._chunked
+        if chunked is not None:
+            if data is None:
+                data = connection.h11.trailing_data[0]
+                if not data:
+                    return [], False
+            return chunked.feed(data), chunked.done
+        conn = connection.h11
+        if data is not None:
+            conn.receive_data(data)
+        payload = []
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Data:
+                payload.append(event.data)
+            elif event is h11.NEED_DATA:
+                return payload, False
+            elif type(event) is h11.EndOfMessage:
+                return payload, True
+            else:
+                raise UpstreamError("provider closed the connection mid-response")
+
+    def _next_cycle(self, connection: UpstreamConnection) -> bool:
+        """Readies a connection whose response is complete for another exchange; False if it
+        cannot have one."""
+        if self._chunked is None:
+            conn = connection.h11
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return False
+            conn.start_next_cycle()
+            return True
+        if self._chunked.extra or not self._keep_alive:
+            return False
+        connection.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)   # it never saw
+        return True                                                                           # this body
+
     async def chunks(self, heartbeat: float | None = None) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; with `heartbeat`, an empty chunk after each such silence so
-        the caller can keep its own client's connection alive."""
+        """Body chunks as they arrive, each read's bytes as one chunk (one write later); with
+        `heartbeat`, an empty chunk after each such silence so the caller can keep its own client's
+        connection alive."""
         connection = self._connection
         if connection is None:
             return
-        conn, reader = connection.h11, connection.reader
+        reader = connection.reader
         read_timeout = self._pool.read_timeout
         wait = min(heartbeat, read_timeout) if heartbeat else read_timeout
         silent = 0.0
-        arrived: list[bytes] = []      # what one read brought, passed on as one chunk: one write later
         try:
+            payload, complete = self._payload(connection, None)
             while True:
-                event = conn.next_event()
-                if type(event) is h11.Data:
-                    arrived.append(self._inflate.decompress(event.data) if self._inflate else event.data)
-                    continue
-                if arrived:
-                    yield arrived[0] if len(arrived) == 1 else b"".join(arrived)
-                    arrived = []
-                if event is h11.NEED_DATA:
-                    began = time.perf_counter()
-                    try:
-                        async with asyncio.timeout(wait):     # cancelling a read loses no data
-                            data = await reader.read(READ_SIZE)
-                    except TimeoutError:
-                        self.waited += wait
-                        silent += wait
-                        if silent >= read_timeout:
-                            raise
-                        yield b""
-                        continue
-                    self.waited += time.perf_counter() - began
-                    silent = 0.0
-                    conn.receive_data(data)
-                elif type(event) is h11.EndOfMessage:
+                if payload:
+                    body = payload[0] if len(payload) == 1 else b"".join(payload)
+                    yield self._inflate.decompress(body) if self._inflate else body
+                if complete:
                     if self._inflate:
                         yield self._inflate.flush()
                     self._connection = None
-                    self._pool.release(connection)
+                    self._pool.release(connection, self._next_cycle(connection))
                     return
-                else:
-                    raise UpstreamError("provider closed the connection mid-response")
+                payload = []
+                began = time.perf_counter()
+                try:
+                    async with asyncio.timeout(wait):     # cancelling a read loses no data
+                        data = await reader.read(READ_SIZE)
+                except TimeoutError:
+                    self.waited += wait
+                    silent += wait
+                    if silent >= read_timeout:
+                        raise
+                    yield b""
+                    continue
+                self.waited += time.perf_counter() - began
+                silent = 0.0
+                payload, complete = self._payload(connection, data)
         except h11.RemoteProtocolError as exc:
             raise UpstreamError(f"provider broke the HTTP exchange: {exc}") from None
         except TimeoutError:
@@ -4602,10 +4819,8 @@ class UpstreamPool:
             self._tls = self._make_tls()
         return self._tls
 
-    def release(self, connection: UpstreamConnection) -> None:
-        conn = connection.h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and connection.usable():
-            conn.start_next_cycle()
+    def release(self, connection: UpstreamConnection, reusable: bool) -> None:
+        if reusable and connection.usable():
             idle = self.idle.setdefault(connection.origin, [])
             if len(idle) < self.max_idle:
                 idle.append(connection)
@@ -4678,8 +4893,12 @@ class UpstreamPool:
     async def _exchange(self, connection: UpstreamConnection, method: str, target: str,
                         headers: list[tuple[str, str]], body: bytes, waited: float) -> UpstreamResponse:
         conn = connection.h11
+        checked = checked_headers(headers)
         try:
-            connection.writer.write(conn.send(h11.Request(method=method, target=target, headers=headers))
+            head = (h11.Request(method=method, target=target, headers=headers) if checked is None else
+                    h11.Request(method=method.encode(), target=target.encode("latin-1"), headers=checked,
+                                http_version=b"1.1", _parsed=True))
+            connection.writer.write(conn.send(head)
                                     + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
             began = time.perf_counter()
             await connection.writer.drain()
@@ -4691,7 +4910,13 @@ class UpstreamPool:
                         waited, began = waited + time.perf_counter() - began, time.perf_counter()
                         conn.receive_data(data)
                     elif type(event) is h11.Response:
-                        return UpstreamResponse(self, connection, event.status_code, list(event.headers), waited)
+                        headers = list(event.headers)
+                        bodyless = method == "HEAD" or event.status_code in (204, 304)
+                        tokens = b",".join(v for n, v in headers if n == b"connection").lower().split(b",")
+                        return UpstreamResponse(
+                            self, connection, event.status_code, headers, waited,
+                            chunked=not bodyless and any(n == b"transfer-encoding" for n, _ in headers),
+                            keep_alive=event.http_version == b"1.1" and b"close" not in map(bytes.strip, tokens))
                     elif not isinstance(event, h11.InformationalResponse):
                         raise ConnectionDropped("provider closed the connection before answering")
         except TimeoutError:
@@ -5639,14 +5864,14 @@ class Gateway:
         latency = (time.perf_counter() - ex.started) * 1000
         u = ex.usage
         key = ex.key
-        if log.isEnabledFor(logging.INFO):
+        if request_log.isEnabledFor(logging.INFO):
             fields = {"id": ex.id, "path": ex.endpoint, "model": ex.model_requested or None,
                       "provider": ex.provider or None, "status": ex.status, "stream": ex.stream,
                       "ms": round(latency, 1), "in": u.input_tokens, "out": u.output_tokens,
                       "cache_read": u.cache_read, "cache_write": u.cache_write}
             if key:
                 fields |= {"user": key.user_id, "key": key.key_id}
-            log.info("%s", LogEvent("request", fields))
+            request_log.info("%s", LogEvent("request", fields))
         price = self.prices.price_for(ex.model_served) if ex.model_served else None
         await self.ledger.put({
             "id": ex.id, "ts": ex.time, "user_id": key.user_id if key else None,
@@ -6178,10 +6403,24 @@ def merge_usage(total: Usage, seen: Usage) -> Usage:
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-class JSONLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger and message, and a LogEvent's fields as members."""
+class LogFormatter(logging.Formatter):
+    """"time LEVEL message" lines. A record is formatted once, however many handlers write it (the
+    console and the log file, and the file's size check)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        cached = record.__dict__.get("_formatted")
+        if cached is None or cached[0] is not self:
+            cached = record._formatted = (self, self.render(record))  # type: ignore[attr-defined]
+        return cached[1]
+
+    def render(self, record: logging.LogRecord) -> str:
+        return super().format(record)
+
+
+class JSONLogFormatter(LogFormatter):
+    """One JSON object per line: time, level, logger and message, and a LogEvent's fields as members."""
+
+    def render(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
                     .replace("+00:00", "Z"),
@@ -6201,8 +6440,8 @@ def setup_logging(settings: Settings, command: bool = False) -> None:
     to stderr, since stdout carries its output. A file of "-" means none."""
     # Records carry no thread or process names here: skipping them makes every log call cheaper.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    formatter = JSONLogFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
-    console = logging.StreamHandler(sys.stderr if command else sys.stdout)
+    formatter = JSONLogFormatter() if settings.log_format == "json" else LogFormatter(TEXT_LOG_FORMAT)
+    console = ConsoleLogHandler(sys.stderr if command else sys.stdout)
     console.setLevel(logging.WARNING if command else logging.NOTSET)
     handlers: list[logging.Handler] = [console]
     path = settings.cli_log_file if command else settings.log_file

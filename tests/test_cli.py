@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -287,6 +288,17 @@ def root_logging():
     root.handlers[:], root.level = saved[0], saved[1]
 
 
+def logged_lines(path: Path, needle: str) -> list[str]:
+    """The log file's lines holding needle, once some have arrived: request lines are flushed
+    within a fraction of a second, not one write each."""
+    deadline = time.monotonic() + 2 * tk.LOG_FLUSH_SECONDS + 1
+    while True:
+        lines = [line for line in path.read_text().splitlines() if needle in line] if path.exists() else []
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_request_lines_go_to_stdout_and_the_log_file(gateway_factory, tmp_path, capsys, root_logging,
                                                      log_format):
@@ -296,7 +308,7 @@ def test_request_lines_go_to_stdout_and_the_log_file(gateway_factory, tmp_path, 
     gw = gateway_factory()
     call(gw, "POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     ledger_rows(gw, 1)
-    lines = [line for line in log_file.read_text().splitlines() if "/v1/chat/completions" in line]
+    lines = logged_lines(log_file, "/v1/chat/completions")
     assert len(lines) == 1 and lines[0] in capsys.readouterr().out
     if log_format == "text":
         assert " INFO request id=req_" in lines[0]

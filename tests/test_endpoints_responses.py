@@ -157,7 +157,7 @@ def logged_usage(caplog, path: str = "/v1/responses", timeout: float = 5.0) -> t
     deadline = time.monotonic() + timeout
     while True:
         lines = [r.getMessage() for r in caplog.records
-                 if r.name == "tokligence" and r.getMessage().startswith("request ") and f"path={path} " in r.getMessage()]
+                 if r.name == "tokligence.requests" and f"path={path} " in r.getMessage()]
         if lines or time.monotonic() > deadline:
             break
         time.sleep(0.02)

@@ -4,6 +4,7 @@ import json
 import socket
 import time
 
+import h11
 import pytest
 
 import tokligence as tk
@@ -173,3 +174,31 @@ def test_head_root_answers_for_preconnects(gateway_factory):
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
     conn.request("HEAD", "/")
     assert conn.getresponse().status == 200
+
+
+@pytest.mark.parametrize("name, value, valid", [
+    ("content-type", "application/json", True),
+    ("x-ratelimit-reset", "", True),
+    ("x-note", "a  b\tc", True),
+    ("x-obs-text", "caf\xe9", True),                 # obs-text from a provider is relayed as sent
+    ("x-injected", "a\r\nset-cookie: b", False),
+    ("x-padded", " a", False),
+    ("bad name", "a", False),
+    ("x-nul", "a\x00b", False),
+    ("x-wide", "\u2603", False),
+])
+def test_a_response_head_is_checked_by_http_grammar_before_h11_sends_it(name, value, valid):
+    checked = tk.checked_headers([("content-type", "text/plain"), (name, value)])
+    assert (checked is not None) is valid
+    if valid:
+        assert checked[1] == (name.encode("latin-1"), value.encode("latin-1"))
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    responder = tk.Responder(conn, None, None)  # type: ignore[arg-type]
+    if valid:
+        responder.start(200, [(name, value)])
+        assert (name.encode("latin-1") + b": " + value.encode("latin-1")) in responder._head
+    else:                                       # h11's own check refuses it, as it always did
+        with pytest.raises((h11.LocalProtocolError, UnicodeEncodeError)):
+            responder.start(200, [(name, value)])

@@ -632,6 +632,28 @@ def test_log_rotates_at_utc_midnight(tmp_path, monkeypatch):
     assert path.read_text() == "after midnight\nsame new day\n"
 
 
+def test_request_lines_reach_the_log_file_soon_and_other_lines_at_once(tmp_path):
+    path = tmp_path / "gateway.log"
+    handler = RotatingLogHandler(str(path), max_bytes=0, backup_count=1)
+    requests, lifecycle = logging.getLogger("tokligence.requests"), logging.getLogger("tokligence.test-lifecycle")
+    for logger in (requests, lifecycle):
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        requests.info("request one")
+        lifecycle.info("listening")
+        assert path.read_text() == "request one\nlistening\n"    # flushing one flushes what came before
+        requests.info("request two")
+        deadline = time.monotonic() + 2 * LOG_FLUSH_SECONDS + 1
+        while "two" not in path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.read_text() == "request one\nlistening\nrequest two\n"
+    finally:
+        for logger in (requests, lifecycle):
+            logger.removeHandler(handler)
+        handler.close()
+
+
 def test_a_log_file_from_an_earlier_day_rolls_over_with_the_first_record(tmp_path):
     path = tmp_path / "gateway.log"
     path.write_text("yesterday\n")

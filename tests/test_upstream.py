@@ -7,6 +7,7 @@ import time
 import openai
 import pytest
 
+import tokligence as tk
 from conftest import provider_section
 
 
@@ -81,6 +82,64 @@ def test_garbage_from_the_provider_is_relayed_as_is_in_passthrough(gw, mock):
     with pytest.raises(openai.APIError):
         ask(gw)
     assert ask(gw, "again").choices[0].message.content
+
+
+def idle_upstream_connections(gw, expected: int) -> int:
+    """How many connections the pool keeps, once the last relayed stream has let go of its own."""
+    deadline = time.monotonic() + 2
+    while (count := sum(map(len, gw.gateway.pool.idle.values()))) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count
+
+
+def test_a_chunked_stream_keeps_its_connection_unless_the_provider_says_close(gw, mock):
+    list(ask(gw, "first", stream=True))
+    assert idle_upstream_connections(gw, 1) == 1
+    mock.enqueue({"text": "bye", "headers": {"connection": "close"}})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in ask(gw, "last", stream=True)
+                   if chunk.choices) == "bye"
+    assert idle_upstream_connections(gw, 0) == 0
+    list(ask(gw, "again", stream=True))
+    assert mock.connections_opened == 2
+
+
+# ---- chunked bodies (sans-IO) ----------------------------------------------------------------------
+CHUNKED = (b"5;name=value\r\nhello\r\n1d\r\n, and twenty-seven bytes more\r\n"
+           b"0\r\nx-trailer: yes\r\n\r\n")
+
+
+def read_chunked(*pieces: bytes) -> tuple[tk.ChunkedBody, bytes]:
+    body = tk.ChunkedBody()
+    return body, b"".join(b"".join(body.feed(piece)) for piece in pieces)
+
+
+def test_a_chunked_body_reads_the_same_however_its_bytes_are_split():
+    for cut in range(1, len(CHUNKED)):
+        for second_cut in (cut + 1, cut + 7, len(CHUNKED)):
+            body, payload = read_chunked(CHUNKED[:cut], CHUNKED[cut:second_cut], CHUNKED[second_cut:])
+            assert (payload, body.done, body.extra) == (b"hello, and twenty-seven bytes more", True, b"")
+
+
+def test_bytes_after_a_chunked_body_are_kept_apart_from_it():
+    body, _ = read_chunked(CHUNKED + b"HTTP/1.1 200 OK\r\n")
+    assert body.done and body.extra == b"HTTP/1.1 200 OK\r\n"
+
+
+def test_an_incomplete_chunked_body_is_not_done():
+    body, payload = read_chunked(CHUNKED[:-2])
+    assert not body.done and payload == b"hello, and twenty-seven bytes more"
+
+
+@pytest.mark.parametrize("pieces, problem", [
+    ((b"zz\r\nhello\r\n",), "bad chunk size line"),
+    ((b"5\r\nhelloXY0\r\n\r\n",), "does not end with CRLF"),
+    ((b"1" * 5000,), "chunk line too long"),
+    ((b"5\r\nhel", b""), "closed the connection mid-response"),
+    ((b"11111111111111111\r\n",), "bad chunk size line"),
+])
+def test_broken_chunked_framing_is_an_upstream_error(pieces, problem):
+    with pytest.raises(tk.UpstreamError, match=problem):
+        read_chunked(*pieces)
 
 
 # ---- TLS and proxies ------------------------------------------------------------------------------
