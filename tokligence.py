@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import configparser
 import contextlib
 import csv
@@ -30,7 +31,6 @@ import logging
 import logging.handlers
 import mimetypes
 import os
-import queue
 import re
 import secrets
 import shlex
@@ -89,6 +89,12 @@ class GatewayError(Exception):
 def now() -> float:
     """Wall-clock time for records; tests may patch it."""
     return time.time()
+
+
+# JSON with non-ASCII text kept as is, and its compact form: made once, since json.dumps with options
+# builds a new encoder at every call (a few µs, once per streamed delta).
+unicode_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False).encode
+compact_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 # ================================================================================================
@@ -788,7 +794,11 @@ class LedgerWriter:
     """
 
     def __init__(self, db: Database | None, max_queued: int = 10_000) -> None:
-        self._queue: queue.Queue[LedgerItem] = queue.Queue(max_queued)
+        # A deque and two events rather than queue.Queue: appending takes no lock, and the writer
+        # thread is woken once per batch, not once per row.
+        self._items: collections.deque[LedgerItem] = collections.deque()
+        self._max_queued = max_queued
+        self._queued = threading.Event()     # items are waiting (set by the first after a drain)
         self._urgent = threading.Event()     # a write_now job or close() cuts the batch window short
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -801,7 +811,9 @@ class LedgerWriter:
         """Queues a ledger row; waits only while the queue is full (async code may prefer put())."""
         if self._thread is not None:
             self._refuse_if_closed()
-            self._queue.put(row)
+            while len(self._items) >= self._max_queued:
+                time.sleep(BACKPRESSURE_POLL_SECONDS)
+            self._push(row)
 
     async def put(self, row: dict[str, Any]) -> None:
         """Queues a ledger row, letting the event loop run while the queue is full."""
@@ -833,7 +845,7 @@ class LedgerWriter:
         if self._thread is None or self._closed:
             return
         self._closed = True
-        self._queue.put(None)
+        self._push(None)
         self._urgent.set()
         self._thread.join()
 
@@ -841,28 +853,31 @@ class LedgerWriter:
         if self._closed:   # nothing would write it: refuse rather than lose it
             raise RuntimeError("the ledger writer is closed")
 
+    def _push(self, item: LedgerItem) -> None:
+        self._items.append(item)
+        if not self._queued.is_set():
+            self._queued.set()
+
     async def _enqueue(self, item: LedgerItem) -> None:
         self._refuse_if_closed()
-        while True:
-            try:
-                return self._queue.put_nowait(item)
-            except queue.Full:
-                # Polling keeps the wait off the executor threads, which DNS lookups also need.
-                await asyncio.sleep(BACKPRESSURE_POLL_SECONDS)
+        while len(self._items) >= self._max_queued:
+            # Polling keeps the wait off the executor threads, which DNS lookups also need.
+            await asyncio.sleep(BACKPRESSURE_POLL_SECONDS)
+        self._push(item)
 
     def _run(self, conn: Database) -> None:
+        items = self._items
         with contextlib.closing(conn):
             while True:
-                items = [self._queue.get()]
-                if isinstance(items[0], dict):
+                self._queued.wait()
+                if items and isinstance(items[0], dict):
                     self._urgent.wait(LEDGER_BATCH_WINDOW_SECONDS)
+                self._queued.clear()      # before taking: an item pushed from here on sets it again
                 self._urgent.clear()
-                while len(items) < LEDGER_BATCH_ROWS:   # whatever else is already waiting
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if not self._write(conn, items):
+                batch = [items.popleft() for _ in range(min(len(items), LEDGER_BATCH_ROWS))]
+                if items:
+                    self._queued.set()
+                if batch and not self._write(conn, batch):
                     return
 
     def _write(self, conn: Database, items: list[LedgerItem]) -> bool:
@@ -1276,7 +1291,7 @@ def store_response(conn: sqlite3.Connection, response_id: str, body: dict[str, A
     with transaction(conn):
         conn.execute(PURGE_RESPONSES, (now,))
         conn.execute(STORE_RESPONSE, (response_id, now, now + ttl_seconds,
-                                      json.dumps(body, ensure_ascii=False, separators=(",", ":"))))
+                                      compact_json(body)))
 
 
 def load_response(conn: sqlite3.Connection, response_id: str) -> dict[str, Any] | None:
@@ -1554,7 +1569,7 @@ class SSEParser:
 
 def sse_event(event: str | None, data: Any) -> bytes:
     """One SSE event as bytes; data is JSON-encoded unless already a str."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = data if isinstance(data, str) else compact_json(data)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {text}\n\n".encode()
 
@@ -1813,10 +1828,6 @@ class ReplyCollector:
             self.failure = event.error
 
 
-def compact_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 _SCHEMA_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
 _SCHEMA_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
 
@@ -1966,7 +1977,7 @@ def estimate_tokens(conv: Conversation) -> int:
     if conv.tools:
         fixed += _ESTIMATE_TOOL_PROMPT_TOKENS + _ESTIMATE_TOOL_TOKENS * len(conv.tools)
         for tool in conv.tools:
-            schema = json.dumps(tool.parameters, ensure_ascii=False, separators=(",", ":"))
+            schema = compact_json(tool.parameters)
             texts += (tool.name, tool.description, schema)
     text = "\n".join(texts)
     chars = len(text)
@@ -2692,7 +2703,7 @@ class ChatStreamEncoder:
         if isinstance(event, Delta):
             if not event.text or event.field == "signature":
                 return b""
-            text = json.dumps(event.text, ensure_ascii=False)
+            text = unicode_json(event.text)
             if event.field == "arguments":
                 return self._chunk(self._arguments_key + text + "}}]}")
             return self._chunk(_CHAT_DELTA_KEYS[event.field] + text + "}")
@@ -3417,7 +3428,7 @@ class MessagesStreamEncoder:
     def feed(self, event: Event) -> bytes:
         if isinstance(event, Delta):
             return (self._delta_head + _MSG_DELTA_TAILS[event.field]
-                    + json.dumps(event.text, ensure_ascii=False) + "}}\n\n").encode()
+                    + unicode_json(event.text) + "}}\n\n").encode()
         if isinstance(event, BlockStart):
             self._index += 1
             self._delta_head = ('event: content_block_delta\ndata: {"type":"content_block_delta","index":'
@@ -4265,7 +4276,7 @@ class ResponsesStreamEncoder:
                                  middle + '"delta":', tail + "\n\n")
         sequence, self._seq = self._seq, self._seq + 1
         start, middle, tail = self._delta_parts
-        return head + (start + str(sequence) + middle + json.dumps(delta.text, ensure_ascii=False) + tail).encode()
+        return head + (start + str(sequence) + middle + unicode_json(delta.text) + tail).encode()
 
     def _block_end(self, status: str = "completed") -> bytes:
         self._open = False
@@ -4625,6 +4636,16 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_CHUNK_LINE_BYTES = 4096
 
 
+def _chunk_size(line: bytes) -> int:
+    """The size from a chunk's size line; chunk extensions (after ";") are ignored."""
+    if not CHUNK_SIZE.fullmatch(line):
+        size = line.partition(b";")[0].strip(b" \t")
+        if not CHUNK_SIZE.fullmatch(size):
+            raise UpstreamError(f"provider broke the HTTP exchange: bad chunk size line {line[:40]!r}")
+        line = size
+    return int(line, 16)
+
+
 class ChunkedBody:
     """Sans-IO reader of a chunked body (RFC 9112 §7.1): feed(data) returns the payload that data
     completes; `done` once the last chunk and its trailer section are in, `extra` holds anything the
@@ -4672,11 +4693,16 @@ class ChunkedBody:
                 if self._trailer:
                     self.done = not line
                     continue
-                size = line.partition(b";")[0].strip(b" \t")     # chunk extensions are ignored
-                if not CHUNK_SIZE.fullmatch(size):
-                    raise UpstreamError(f"provider broke the HTTP exchange: bad chunk size line {line[:40]!r}")
-                self._left = int(size, 16)
-                self._trailer = not self._left
+                size = _chunk_size(line)
+                stop = at + size
+                if size and end >= stop + 2:          # the whole chunk is here: take it in one step
+                    if buffer[stop:stop + 2] != b"\r\n":
+                        raise UpstreamError("provider broke the HTTP exchange: a chunk does not end with CRLF")
+                    payload.append(buffer[at:stop])
+                    at = stop + 2
+                    continue
+                self._left = size
+                self._trailer = not size
         rest = buffer[at:]
         self._pending, self.extra = (b"", rest) if self.done else (rest, b"")
         return payload
@@ -5908,7 +5934,7 @@ class Gateway:
             if ex.store:
                 await self.store_response(ex, body, rendered)
             await responder.respond(200, self.response_headers(ex, JSON_HEADERS),
-                                    json.dumps(rendered, ensure_ascii=False).encode())
+                                    unicode_json(rendered).encode())
 
     # ---- stored responses (Responses API state for providers that keep none) ------------------------
     async def keep_response(self, ex: Exchange, body: dict, encoder: Any) -> None:
@@ -6013,7 +6039,7 @@ class Gateway:
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 rewrite = drop_usage_chunk = True
-        payload = json.dumps(body, ensure_ascii=False).encode() if rewrite else request.body
+        payload = unicode_json(body).encode() if rewrite else request.body
         query = "?" + request.query if request.query else ""     # e.g. Claude Code's ?beta=true
         response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire] + query,
                                             self.upstream_headers(request, upstream, True), payload)
@@ -6094,7 +6120,7 @@ class Gateway:
             self.thinking.restore(conv)
         custom_tools = {tool.name for tool in conv.tools if tool.custom}
         unbridge = CustomToolUnbridge(custom_tools) if custom_tools and upstream.wire != "responses" else None
-        payload = json.dumps(provider.render_request(conv, upstream.profile), ensure_ascii=False).encode()
+        payload = unicode_json(provider.render_request(conv, upstream.profile)).encode()
         response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire],
                                             self.upstream_headers(request, upstream, False), payload)
         if response.status >= 400:

@@ -68,3 +68,23 @@ def test_line_feed_only_streams_split_anywhere_give_the_same_events_and_bytes(sp
     events = parser.feed(LF_STREAM[:split]) + parser.feed(LF_STREAM[split:])
     assert summary(events) == LF_EXPECTED
     assert b"".join(e.raw for e in events) == LF_STREAM
+
+
+PROVIDER_STREAM = (b"event: message_start\ndata: {\"type\": \"message_start\"}\n\n"
+                   b"data: {\"choices\": [{\"delta\": {\"content\": \"caf\xc3\xa9\"}}]}\n\n"
+                   b"event: ping\ndata: two\ndata: lines\n\n"
+                   b"data: after\n\n"
+                   b"event: odd\nretry: 5\n\n"
+                   b"data: [DONE]\n\n")
+PROVIDER_EXPECTED = [("message_start", '{"type": "message_start"}', None, None),
+                     (None, '{"choices": [{"delta": {"content": "café"}}]}', None, None),
+                     ("ping", "two\nlines", None, None), (None, "after", None, None), ("odd", "", None, 5),
+                     (None, "[DONE]", None, None)]
+
+
+@pytest.mark.parametrize("split", range(1, len(PROVIDER_STREAM)))
+def test_provider_shaped_streams_read_whole_or_line_by_line_give_the_same_events(split):
+    parser = tk.SSEParser()
+    events = parser.feed(PROVIDER_STREAM[:split]) + parser.feed(PROVIDER_STREAM[split:])
+    assert summary(events) == PROVIDER_EXPECTED
+    assert b"".join(e.raw for e in events) == PROVIDER_STREAM
