@@ -6442,6 +6442,16 @@ class LogFormatter(logging.Formatter):
     def render(self, record: logging.LogRecord) -> str:
         return super().format(record)
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The default "2026-01-31 12:00:00,123", its date and time made once per second."""
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime(self.default_time_format, self.converter(second)))
+        return f"{cached[1]},{int(record.msecs):03d}"
+
+    _second: tuple[int, str] = (-1, "")
+
 
 class JSONLogFormatter(LogFormatter):
     """One JSON object per line: time, level, logger and message, and a LogEvent's fields as members."""
@@ -6464,8 +6474,10 @@ class JSONLogFormatter(LogFormatter):
 def setup_logging(settings: Settings, command: bool = False) -> None:
     """The gateway logs to stdout and log_file. A command logs to cli_log_file, and only its warnings
     to stderr, since stdout carries its output. A file of "-" means none."""
-    # Records carry no thread or process names here: skipping them makes every log call cheaper.
+    # Records carry no thread or process names and no source line here (the logging HOWTO's
+    # optimizations): skipping them makes every log call cheaper.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]
     formatter = JSONLogFormatter() if settings.log_format == "json" else LogFormatter(TEXT_LOG_FORMAT)
     console = ConsoleLogHandler(sys.stderr if command else sys.stdout)
     console.setLevel(logging.WARNING if command else logging.NOTSET)

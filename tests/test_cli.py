@@ -332,6 +332,14 @@ def test_json_log_lines_keep_ordinary_messages_and_exceptions():
     assert "RuntimeError: boom" in entry["exception"]
 
 
+def test_text_log_times_read_as_the_standard_formatter_writes_them():
+    standard, formatter = logging.Formatter(tk.TEXT_LOG_FORMAT), tk.LogFormatter(tk.TEXT_LOG_FORMAT)
+    for created in (1795800000.9996, 1795800001.0004, 1795800001.5, 1795800000.25):
+        record = logging.LogRecord("tokligence", logging.INFO, __file__, 1, "hi", (), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert formatter.format(record) == standard.format(record)
+
+
 def test_a_log_event_is_key_value_text():
     event = tk.LogEvent("request", {"id": "req_1", "model": None, "stream": True, "ms": 1.5})
     assert str(event) == "request id=req_1 model=- stream=true ms=1.5"
