@@ -4825,10 +4825,12 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Keep-alive connections per origin; broken or half-read ones are discarded, never reused."""
+    """Keep-alive connections per origin; broken or half-read ones are discarded, never reused.
+    Up to max_idle_per_origin wait for reuse, enough for every request of a busy burst: each one
+    closed for want of room costs a later request a new TCP (and TLS) handshake."""
 
     def __init__(self, make_tls: Callable[[], ssl.SSLContext], connect_timeout: float, read_timeout: float,
-                 max_idle_per_origin: int = 32):
+                 max_idle_per_origin: int = 256):
         self._make_tls = make_tls
         self._tls: ssl.SSLContext | None = None
         self.connect_timeout = connect_timeout

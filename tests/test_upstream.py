@@ -3,6 +3,7 @@ import http.client
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -82,6 +83,21 @@ def test_garbage_from_the_provider_is_relayed_as_is_in_passthrough(gw, mock):
     with pytest.raises(openai.APIError):
         ask(gw)
     assert ask(gw, "again").choices[0].message.content
+
+
+def test_connections_of_a_wide_burst_are_all_kept_for_the_next_one(gw, mock):
+    burst = 48
+
+    def concurrent_round() -> None:
+        mock.enqueue(*[{"text": "ok", "fault": "slow_first_byte", "delay": 0.3}] * burst)
+        with ThreadPoolExecutor(burst) as pool:
+            assert all(r.choices[0].message.content == "ok" for r in pool.map(lambda i: ask(gw, f"q{i}"), range(burst)))
+
+    concurrent_round()
+    assert mock.connections_opened == burst
+    assert idle_upstream_connections(gw, burst) == burst
+    concurrent_round()
+    assert mock.connections_opened == burst
 
 
 def idle_upstream_connections(gw, expected: int) -> int:
