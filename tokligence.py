@@ -21,7 +21,6 @@ import binascii
 import collections
 import configparser
 import contextlib
-import csv
 import fnmatch
 import hashlib
 import hmac
@@ -29,7 +28,6 @@ import ipaddress
 import json
 import logging
 import logging.handlers
-import mimetypes
 import os
 import re
 import secrets
@@ -42,20 +40,20 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
-import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http import HTTPStatus
-from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar, Union
 from urllib.parse import parse_qsl, urlsplit
 
-import certifi
 import h11
+
+# Imported where they are used, to keep start-up short: certifi (about 20 ms, with
+# importlib.resources) when the first TLS connection is made, and http.client, tomllib, csv, mimetypes
+# and uuid in the commands and the rare requests that need them.
 
 __version__ = "0.1.0"
 log = logging.getLogger("tokligence")
@@ -718,7 +716,7 @@ def open_database(path: str) -> Database:
     if path == ":memory:":
         # The memdb VFS shares a "/name" among a process's connections with ordinary locking, so a
         # reader waits out a commit; shared-cache memory databases fail at once with "table is locked".
-        database = Database(f"file:/tokligence-{uuid.uuid4().hex}?vfs=memdb")
+        database = Database(f"file:/tokligence-{os.urandom(16).hex()}?vfs=memdb")
     else:
         file = Path(path).expanduser().resolve()
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -1079,6 +1077,7 @@ def import_users_csv(conn: sqlite3.Connection, file: Iterable[str]) -> dict[str,
     """Creates the users of a CSV file with a header row: email, and optionally name and role (default
     user). Existing emails are skipped; a bad line raises ValueError and imports nothing.
     Returns {"created": [user rows], "skipped": [emails]}: the caller counts them and emits hooks."""
+    import csv
     reader = csv.DictReader(file)
     # Spreadsheets write " Email" or a byte-order mark before the first name.
     reader.fieldnames = [column.replace("\ufeff", "").strip().lower() for column in reader.fieldnames or ()]
@@ -1329,6 +1328,7 @@ class HookRunner:
             raise ValueError(f"unknown hook event {event_type!r}")
         if self._runner is None:
             return
+        import uuid
         event = {
             "id": str(uuid.uuid4()),
             "type": event_type,
@@ -3563,6 +3563,7 @@ def _responses_input_file(part: dict, where: str) -> Text:
         if data.startswith("data:"):
             media_type, data = _responses_split_data_url(data, f"{where}.file_data")
         else:
+            import mimetypes
             media_type = mimetypes.guess_type(name)[0] or ""
         if _responses_is_text_media(media_type):
             try:
@@ -4609,6 +4610,7 @@ def proxy_for(scheme: str, host: str, env: dict[str, str]) -> tuple[str, int, st
 
 
 def make_ssl_context(ca_bundle: str, env: dict[str, str]) -> ssl.SSLContext:
+    import certifi
     context = ssl.create_default_context(cafile=certifi.where())
     for extra in (ca_bundle, env.get("SSL_CERT_FILE", "")):
         if extra:
@@ -6721,6 +6723,7 @@ def gateway_url(settings: Settings) -> str:
 
 def gateway_healthy(url: str) -> bool:
     """Whether a Tokligence gateway answers GET /health at url (http.client, as no proxy applies here)."""
+    from http.client import HTTPConnection, HTTPException
     parts = urlsplit(url)
     connection = HTTPConnection(parts.hostname or "", parts.port, timeout=2)
     try:
@@ -6779,6 +6782,7 @@ def write_codex_config(home: Path, url: str) -> Path:
         f"model_providers.tokligence.env_key = {json.dumps(KEY_ENV)}",
         CODEX_CONFIG_END, ""))
     text = block + (below if marker else text)      # a file without the block is all the user's
+    import tomllib
     try:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
