@@ -4322,6 +4322,7 @@ READ_SIZE = 65536
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "host",
                         "accept-encoding", "expect", "content-encoding"})
+HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 # h11's grammar for the header lines it sends: a token name, and a value without NUL, CR or LF or
@@ -4383,12 +4384,16 @@ class Responder:
         """True once the client closed its side (checked between stream chunks)."""
         return self._writer.is_closing() or self._reader.at_eof()
 
-    def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+    def start(self, status: int, headers: list[tuple[str, str]],
+              relayed: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Holds the response head: relayed (a provider's headers as h11 parsed them) go first, as
+        they are, then headers."""
         self.started, self.status = True, status
         reason = REASONS.get(status, b"")
         checked = checked_headers(headers)
-        head = (h11.Response(status_code=status, headers=headers, reason=reason) if checked is None else
-                h11.Response(status_code=status, headers=checked, reason=reason, http_version=b"1.1", _parsed=True))
+        head = (h11.Response(status_code=status, headers=[*relayed, *headers], reason=reason) if checked is None
+                else h11.Response(status_code=status, headers=[*relayed, *checked], reason=reason,
+                                  http_version=b"1.1", _parsed=True))
         self._head = self._conn.send(head)
 
     async def send(self, data: bytes) -> None:
@@ -4402,8 +4407,9 @@ class Responder:
         self._write(self._conn.send(h11.EndOfMessage()))
         await self._writer.drain()
 
-    async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.start(status, headers + [("content-length", str(len(body)))])
+    async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes,
+                      relayed: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self.start(status, headers + [("content-length", str(len(body)))], relayed)
         if body:
             self.sent_bytes += len(body)
             self._head += self._conn.send(h11.Data(data=body))
@@ -4729,6 +4735,11 @@ class UpstreamResponse:
 
     def header(self, name: bytes) -> str | None:
         return next((v.decode("latin-1") for n, v in self.headers if n == name), None)
+
+    @property
+    def end_to_end_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers a client may be given as they came: all but the hop-by-hop ones."""
+        return [(name, value) for name, value in self.headers if name not in HOP_BY_HOP_RAW]
 
     def _payload(self, connection: UpstreamConnection, data: bytes | None) -> tuple[list[bytes], bool]:
         """The body bytes that data completes (None: the bytes h11 holds past the head), and
@@ -6047,8 +6058,6 @@ class Gateway:
         query = "?" + request.query if request.query else ""     # e.g. Claude Code's ?beta=true
         response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire] + query,
                                             self.upstream_headers(request, upstream, True), payload)
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers
-                   if n.decode("latin-1") not in HOP_BY_HOP]
         content_type = response.header(b"content-type") or ""
         if not content_type.startswith("text/event-stream"):
             data = await self.read_upstream(response, upstream)
@@ -6057,10 +6066,11 @@ class Gateway:
                 ex.usage = self.usage_of_json(wire, data, upstream)
             else:
                 ex.error_type = wire.parse_error(response.status, data).kind
-            await responder.respond(response.status, self.response_headers(ex, headers), data)
+            await responder.respond(response.status, self.response_headers(ex, []), data,
+                                    response.end_to_end_headers)
             return
         ex.status = response.status
-        responder.start(response.status, self.response_headers(ex, headers))
+        responder.start(response.status, self.response_headers(ex, []), response.end_to_end_headers)
         parser = SSEParser()
         usage = Usage()
         first = last = None        # event data a failure notice may need to continue the stream
@@ -6228,9 +6238,8 @@ class Gateway:
             ex.status = response.status
             if response.status < 400:
                 ex.usage = self.usage_of_json(WIRES["chat"], data, upstream)
-            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers
-                       if n.decode("latin-1") not in HOP_BY_HOP]
-            await responder.respond(response.status, self.response_headers(ex, headers), data)
+            await responder.respond(response.status, self.response_headers(ex, []), data,
+                                    response.end_to_end_headers)
         except GatewayError as err:
             ex.status, ex.error_type = err.status, err.kind
             await self.send_error(responder, "chat", err, ex.id)
@@ -6262,9 +6271,7 @@ class Gateway:
                 response = await self.call_upstream(ex, upstream, suffix, self.upstream_headers(request, upstream, True),
                                                     json.dumps(body).encode() if served != model else request.body)
                 data = await self.read_upstream(response, upstream)
-                headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers
-                           if n.decode("latin-1") not in HOP_BY_HOP]
-                await responder.respond(response.status, headers, data)
+                await responder.respond(response.status, [], data, response.end_to_end_headers)
                 return
             count = estimate_tokens(WIRES[wire_name].parse_request(body))
             await responder.respond(200, JSON_HEADERS, json.dumps(answer(count)).encode())
