@@ -4319,10 +4319,9 @@ MAX_HEADER_BYTES = 64 * 1024
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 READ_SIZE = 65536
 # Never forwarded in either direction: they describe one hop, not the message.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "host",
-                        "accept-encoding", "expect", "content-encoding"})
-HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"host",
+                        b"accept-encoding", b"expect", b"content-encoding"})
 
 
 # h11's grammar for the header lines it sends: a token name, and a value without NUL, CR or LF or
@@ -4739,7 +4738,7 @@ class UpstreamResponse:
     @property
     def end_to_end_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers a client may be given as they came: all but the hop-by-hop ones."""
-        return [(name, value) for name, value in self.headers if name not in HOP_BY_HOP_RAW]
+        return [(name, value) for name, value in self.headers if name not in HOP_BY_HOP]
 
     def _payload(self, connection: UpstreamConnection, data: bytes | None) -> tuple[list[bytes], bool]:
         """The body bytes that data completes (None: the bytes h11 holds past the head), and
@@ -4911,34 +4910,38 @@ class UpstreamPool:
         return reader, writer
 
     async def request(self, origin: Origin, method: str, target: str, headers: list[tuple[str, str]],
-                      body: bytes) -> UpstreamResponse:
-        """Send a request and return once the response head arrives (the body is read later)."""
+                      body: bytes, relayed: Iterable[tuple[bytes, bytes]] = ()) -> UpstreamResponse:
+        """Send a request and return once the response head arrives (the body is read later);
+        relayed are a client's headers as h11 parsed them, sent as they are after headers."""
         if origin.proxy is not None and origin.scheme == "http":
             target = f"http://{origin.host_header}{target}"
         headers = [("host", origin.host_header), *headers, ("content-length", str(len(body))),
                    ("accept-encoding", "identity")]
+        checked = checked_headers(headers)
+        try:
+            head = (h11.Request(method=method, target=target, headers=[*headers, *relayed]) if checked is None
+                    else h11.Request(method=method.encode(), target=target.encode("latin-1"),
+                                     headers=[*checked, *relayed], http_version=b"1.1", _parsed=True))
+        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+            raise UpstreamError(f"cannot send the request: {exc}") from None
         idle = self.idle.get(origin)
         while idle:
             connection = idle.pop()
             if connection.usable():
                 try:
-                    return await self._exchange(connection, method, target, headers, body, 0.0)
+                    return await self._exchange(connection, method, head, body, 0.0)
                 except ConnectionDropped:
                     pass    # the provider closed a kept-alive connection as we reused it: retry fresh
             else:
                 connection.close()
         began = time.perf_counter()
         connection = await self._open(origin)
-        return await self._exchange(connection, method, target, headers, body, time.perf_counter() - began)
+        return await self._exchange(connection, method, head, body, time.perf_counter() - began)
 
-    async def _exchange(self, connection: UpstreamConnection, method: str, target: str,
-                        headers: list[tuple[str, str]], body: bytes, waited: float) -> UpstreamResponse:
+    async def _exchange(self, connection: UpstreamConnection, method: str, head: h11.Request, body: bytes,
+                        waited: float) -> UpstreamResponse:
         conn = connection.h11
-        checked = checked_headers(headers)
         try:
-            head = (h11.Request(method=method, target=target, headers=headers) if checked is None else
-                    h11.Request(method=method.encode(), target=target.encode("latin-1"), headers=checked,
-                                http_version=b"1.1", _parsed=True))
             connection.writer.write(conn.send(head)
                                     + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
             began = time.perf_counter()
@@ -5315,6 +5318,8 @@ def drop_unsupported_tools(wire: str, body: dict, unsupported: frozenset[str]) -
 JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+# A client's headers a passthrough does not relay: hop-by-hop ones, credentials and content-type (ours).
+NOT_RELAYED = HOP_BY_HOP | {name.encode() for name in CREDENTIAL_HEADERS} | {b"content-type"}
 ANTHROPIC_VERSION = "2023-06-01"
 TOKEN_LIMIT_FIELDS = {"chat": ("max_tokens", "max_completion_tokens"), "messages": ("max_tokens",),
                       "responses": ("max_output_tokens",)}
@@ -6008,13 +6013,10 @@ class Gateway:
             await self.send_error(responder, "responses", err)
 
     def upstream_headers(self, request: Request, upstream: Upstream, passthrough: bool) -> list[tuple[str, str]]:
-        """Passthrough keeps the client's headers (minus hop-by-hop and credentials); translation
-        sends only what the provider's wire needs."""
+        """What the provider's wire needs: a passthrough relays the client's other headers too
+        (relayed_headers); a translation adds only its user-agent."""
         headers = [("content-type", "application/json")]
-        if passthrough:
-            headers += [(name, value) for name, value in request.headers.items()
-                        if name not in HOP_BY_HOP and name not in CREDENTIAL_HEADERS and name != "content-type"]
-        elif "user-agent" in request.headers:
+        if not passthrough and "user-agent" in request.headers:
             headers.append(("user-agent", request.headers["user-agent"]))
         if upstream.provider.forward_client_auth:
             # The gateway's own key (tok_…) authenticates to the gateway; the other credential is the user's.
@@ -6026,11 +6028,19 @@ class Gateway:
             headers.append(("anthropic-version", ANTHROPIC_VERSION))
         return headers
 
-    async def call_upstream(self, ex: Exchange, upstream: Upstream, suffix: str,
-                            headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
+    @staticmethod
+    def relayed_headers(request: Request) -> list[tuple[bytes, bytes]]:
+        """A passthrough's client headers, as h11 parsed them, but those NOT_RELAYED."""
+        return [(name, value) for name, value in request.raw_headers if name not in NOT_RELAYED]
+
+    async def call_upstream(self, ex: Exchange, upstream: Upstream, suffix: str, request: Request, body: bytes,
+                            passthrough: bool) -> UpstreamResponse:
         assert upstream.origin is not None
+        headers = self.upstream_headers(request, upstream, passthrough)
+        relayed = self.relayed_headers(request) if passthrough else ()
         try:
-            ex.upstream = await self.pool.request(upstream.origin, "POST", upstream.target(suffix), headers, body)
+            ex.upstream = await self.pool.request(upstream.origin, "POST", upstream.target(suffix), headers, body,
+                                                  relayed)
         except UpstreamError as exc:
             raise GatewayError(502, "api_error", f"provider {upstream.name}: {exc}") from None
         return ex.upstream
@@ -6056,8 +6066,8 @@ class Gateway:
                 rewrite = drop_usage_chunk = True
         payload = unicode_json(body).encode() if rewrite else request.body
         query = "?" + request.query if request.query else ""     # e.g. Claude Code's ?beta=true
-        response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire] + query,
-                                            self.upstream_headers(request, upstream, True), payload)
+        response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire] + query, request, payload,
+                                            passthrough=True)
         content_type = response.header(b"content-type") or ""
         if not content_type.startswith("text/event-stream"):
             data = await self.read_upstream(response, upstream)
@@ -6135,8 +6145,8 @@ class Gateway:
         custom_tools = {tool.name for tool in conv.tools if tool.custom}
         unbridge = CustomToolUnbridge(custom_tools) if custom_tools and upstream.wire != "responses" else None
         payload = unicode_json(provider.render_request(conv, upstream.profile)).encode()
-        response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire],
-                                            self.upstream_headers(request, upstream, False), payload)
+        response = await self.call_upstream(ex, upstream, WIRE_PATHS[upstream.wire], request, payload,
+                                            passthrough=False)
         if response.status >= 400:
             err = provider.parse_error(response.status, await self.read_upstream(response, upstream))
             if retry_after := response.header(b"retry-after"):
@@ -6232,8 +6242,8 @@ class Gateway:
             if served != model:
                 body["model"] = served
             payload_bytes = json.dumps(body).encode() if served != model else request.body
-            response = await self.call_upstream(ex, upstream, "/embeddings",
-                                                self.upstream_headers(request, upstream, True), payload_bytes)
+            response = await self.call_upstream(ex, upstream, "/embeddings", request, payload_bytes,
+                                                passthrough=True)
             data = await self.read_upstream(response, upstream)
             ex.status = response.status
             if response.status < 400:
@@ -6268,8 +6278,8 @@ class Gateway:
                 if served != model:
                     body["model"] = served
                 ex = Exchange("", request.path, wire_name, request.started)
-                response = await self.call_upstream(ex, upstream, suffix, self.upstream_headers(request, upstream, True),
-                                                    json.dumps(body).encode() if served != model else request.body)
+                response = await self.call_upstream(ex, upstream, suffix, request, json.dumps(body).encode()
+                                                    if served != model else request.body, passthrough=True)
                 data = await self.read_upstream(response, upstream)
                 await responder.respond(response.status, [], data, response.end_to_end_headers)
                 return
