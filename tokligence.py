@@ -4224,9 +4224,13 @@ class ResponsesStreamEncoder:
                                 self._echo, **extra)
 
     def _header(self) -> bytes:
-        response = self._snapshot("in_progress", None)
-        return (self._event("response.created", response=response)
-                + self._event("response.in_progress", response=response))
+        # Both events carry the same object (with the request's echoed tools): encoded once.
+        response = compact_json(self._snapshot("in_progress", None))
+        out = b""
+        for kind in ("response.created", "response.in_progress"):
+            out += sse_event(kind, f'{{"type":"{kind}","sequence_number":{self._seq},"response":{response}}}')
+            self._seq += 1
+        return out
 
     def _block_start(self, part: Part) -> bytes:
         self._open = True
