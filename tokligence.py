@@ -6458,6 +6458,8 @@ class LogFormatter(logging.Formatter):
     """"time LEVEL message" lines. A record is formatted once, however many handlers write it (the
     console and the log file, and the file's size check)."""
 
+    _second: tuple[int, str] = (-1, "")     # the last second formatted, and its text
+
     def format(self, record: logging.LogRecord) -> str:
         cached = record.__dict__.get("_formatted")
         if cached is None or cached[0] is not self:
@@ -6474,8 +6476,6 @@ class LogFormatter(logging.Formatter):
         if cached[0] != second:
             cached = self._second = (second, time.strftime(self.default_time_format, self.converter(second)))
         return f"{cached[1]},{int(record.msecs):03d}"
-
-    _second: tuple[int, str] = (-1, "")
 
 
 class JSONLogFormatter(LogFormatter):
