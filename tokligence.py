@@ -4346,6 +4346,58 @@ def checked_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]
         return None
 
 
+class ReadDeadline:
+    """Socket reads with a timeout, for one connection: `await read(reader, seconds)` is
+    reader.read() that raises TimeoutError after `seconds` without data. asyncio.timeout() makes and
+    cancels a timer per read, which costs more than the read; here a read only stores its deadline,
+    and the one pending timer, when it fires before the latest deadline, waits on for it."""
+
+    __slots__ = ("_loop", "_task", "_until", "_timer", "_expired")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task | None = None
+        self._until: float | None = None          # the deadline of the read under way, if any
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    async def read(self, reader: asyncio.StreamReader, seconds: float) -> bytes:
+        until = self._loop.time() + seconds
+        timer = self._timer
+        if timer is None or timer.when() > until:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(until, self._fire)
+        self._task, self._until = asyncio.current_task(), until
+        try:
+            return await reader.read(READ_SIZE)
+        except asyncio.CancelledError:
+            assert self._task is not None
+            if self._expired:
+                self._expired = False
+                if self._task.uncancel() == 0:     # cancelled by the deadline alone, as asyncio.timeout
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._until = self._task = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._until is None:
+            return                                 # no read under way: the next one sets a timer
+        if self._loop.time() < self._until:
+            self._timer = self._loop.call_at(self._until, self._fire)
+            return
+        assert self._task is not None
+        self._expired = True
+        self._task.cancel()
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -4476,12 +4528,13 @@ class HTTPServer:
         task = asyncio.current_task()
         assert task is not None
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        deadline = ReadDeadline()
         peername = writer.get_extra_info("peername")
         peer = peername[0] if peername else ""
         try:
             while not self.closing:
                 self._mark(task, busy=False)
-                request = await self._read_request(conn, reader, writer, peer, task)
+                request = await self._read_request(conn, reader, writer, peer, task, deadline)
                 if request is None:
                     break
                 responder = Responder(conn, reader, writer)
@@ -4503,6 +4556,7 @@ class HTTPServer:
         except Exception:
             log.exception("connection from %s failed", peer)
         finally:
+            deadline.close()
             self.busy.discard(task)
             self.idle.discard(task)
             if conn.our_state is h11.ERROR:
@@ -4510,8 +4564,8 @@ class HTTPServer:
             else:
                 writer.close()
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter, peer: str, task: asyncio.Task) -> Request | None:
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            peer: str, task: asyncio.Task, deadline: ReadDeadline) -> Request | None:
         """The next request with its whole body, or None when the client is done; BrokenRequest when
         it cannot be read."""
         settings = self.settings
@@ -4529,8 +4583,7 @@ class HTTPServer:
                                                        f"malformed HTTP request: {exc}")) from None
             if event is h11.NEED_DATA:
                 try:
-                    async with asyncio.timeout(timeout):
-                        data = await reader.read(READ_SIZE)
+                    data = await deadline.read(reader, timeout)
                 except TimeoutError:
                     if head is None and not conn.trailing_data[0]:
                         return None                   # idle keep-alive connection: close quietly
@@ -4628,18 +4681,23 @@ def make_ssl_context(ca_bundle: str, env: dict[str, str]) -> ssl.SSLContext:
 
 
 class UpstreamConnection:
-    __slots__ = ("origin", "reader", "writer", "h11")
+    __slots__ = ("origin", "reader", "writer", "h11", "deadline")
 
     def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.origin = origin
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.deadline = ReadDeadline()
 
     def usable(self) -> bool:
         return not self.writer.is_closing() and not self.reader.at_eof()
 
+    def read(self, seconds: float) -> Awaitable[bytes]:
+        return self.deadline.read(self.reader, seconds)
+
     def close(self) -> None:
+        self.deadline.close()
         self.writer.transport.abort()
 
 
@@ -4790,7 +4848,6 @@ class UpstreamResponse:
         connection = self._connection
         if connection is None:
             return
-        reader = connection.reader
         read_timeout = self._pool.read_timeout
         wait = min(heartbeat, read_timeout) if heartbeat else read_timeout
         silent = 0.0
@@ -4809,8 +4866,7 @@ class UpstreamResponse:
                 payload = []
                 began = time.perf_counter()
                 try:
-                    async with asyncio.timeout(wait):     # cancelling a read loses no data
-                        data = await reader.read(READ_SIZE)
+                    data = await connection.read(wait)     # a read that times out loses no data
                 except TimeoutError:
                     self.waited += wait
                     silent += wait
@@ -4950,23 +5006,22 @@ class UpstreamPool:
                                     + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
             began = time.perf_counter()
             await connection.writer.drain()
-            async with asyncio.timeout(self.read_timeout):
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await connection.reader.read(READ_SIZE)
-                        waited, began = waited + time.perf_counter() - began, time.perf_counter()
-                        conn.receive_data(data)
-                    elif type(event) is h11.Response:
-                        headers = list(event.headers)
-                        bodyless = method == "HEAD" or event.status_code in (204, 304)
-                        tokens = b",".join(v for n, v in headers if n == b"connection").lower().split(b",")
-                        return UpstreamResponse(
-                            self, connection, event.status_code, headers, waited,
-                            chunked=not bodyless and any(n == b"transfer-encoding" for n, _ in headers),
-                            keep_alive=event.http_version == b"1.1" and b"close" not in map(bytes.strip, tokens))
-                    elif not isinstance(event, h11.InformationalResponse):
-                        raise ConnectionDropped("provider closed the connection before answering")
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await connection.read(self.read_timeout)
+                    waited, began = waited + time.perf_counter() - began, time.perf_counter()
+                    conn.receive_data(data)
+                elif type(event) is h11.Response:
+                    headers = list(event.headers)
+                    bodyless = method == "HEAD" or event.status_code in (204, 304)
+                    tokens = b",".join(v for n, v in headers if n == b"connection").lower().split(b",")
+                    return UpstreamResponse(
+                        self, connection, event.status_code, headers, waited,
+                        chunked=not bodyless and any(n == b"transfer-encoding" for n, _ in headers),
+                        keep_alive=event.http_version == b"1.1" and b"close" not in map(bytes.strip, tokens))
+                elif not isinstance(event, h11.InformationalResponse):
+                    raise ConnectionDropped("provider closed the connection before answering")
         except TimeoutError:
             connection.close()
             raise UpstreamError(f"provider did not answer within {self.read_timeout:g} s") from None

@@ -1,4 +1,5 @@
 """The HTTP server: keep-alive, pipelining, 100-continue, limits, timeouts, errors and shutdown."""
+import asyncio
 import http.client
 import json
 import socket
@@ -202,3 +203,37 @@ def test_a_response_head_is_checked_by_http_grammar_before_h11_sends_it(name, va
     else:                                       # h11's own check refuses it, as it always did
         with pytest.raises((h11.LocalProtocolError, UnicodeEncodeError)):
             responder.start(200, [(name, value)])
+
+
+def test_read_deadlines_time_out_each_read_at_its_own_deadline_only():
+    async def scenario():
+        reader, loop = asyncio.StreamReader(), asyncio.get_running_loop()
+        deadline = tk.ReadDeadline()
+        loop.call_later(0.05, reader.feed_data, b"first")
+        assert await deadline.read(reader, 5) == b"first"       # its timer stays pending, 5 s out
+        began = loop.time()
+        with pytest.raises(TimeoutError):
+            await deadline.read(reader, 0.1)                     # a shorter deadline than the pending timer
+        assert 0.09 < loop.time() - began < 1
+        loop.call_later(0.15, reader.feed_data, b"second")
+        assert await deadline.read(reader, 0.3) == b"second"     # its timer fires at 0.3 s, idle by then
+        began = loop.time()
+        with pytest.raises(TimeoutError):
+            await deadline.read(reader, 0.5)                     # waits its full 0.5 s, not the old timer's
+        assert 0.45 < loop.time() - began < 1.5
+        deadline.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_read_cancelled_from_outside_stays_cancelled():
+    async def scenario():
+        reader, deadline = asyncio.StreamReader(), tk.ReadDeadline()
+        task = asyncio.ensure_future(deadline.read(reader, 5))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline.close()
+
+    asyncio.run(scenario())
