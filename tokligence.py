@@ -4368,7 +4368,7 @@ class ReadDeadline:
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(until, self._fire)
-        self._task, self._until = asyncio.current_task(), until
+        self._task, self._until = asyncio.current_task(self._loop), until
         try:
             return await reader.read(READ_SIZE)
         except asyncio.CancelledError:
@@ -4572,6 +4572,7 @@ class HTTPServer:
         path = ""
         timeout = settings.idle_timeout
         head: h11.Request | None = None
+        headers: list[tuple[bytes, bytes]] = []   # the head's, listed once (h11's Headers iterate slowly)
         body: list[bytes] = []
         size = 0
         started = 0.0
@@ -4594,10 +4595,10 @@ class HTTPServer:
                     timeout = settings.header_timeout
                 continue
             if isinstance(event, h11.Request):
-                head, started = event, time.perf_counter()
+                head, headers, started = event, list(event.headers), time.perf_counter()
                 path = head.target.decode("latin-1").partition("?")[0]
                 self._mark(task, busy=True)
-                length = _content_length(event.headers)
+                length = _content_length(headers)
                 if length is not None and length > settings.max_body_bytes:
                     raise BrokenRequest(path, GatewayError(413, "too_large", f"request body of {length} bytes "
                                                            f"exceeds the limit of {settings.max_body_bytes} bytes"))
@@ -4614,8 +4615,8 @@ class HTTPServer:
                 assert head is not None
                 target = head.target.decode("latin-1")
                 path, _, query = target.partition("?")
-                return Request(head.method.decode(), target, path, _header_dict(head.headers),
-                               list(head.headers), b"".join(body), peer, started, query)
+                return Request(head.method.decode(), target, path, _header_dict(headers), headers,
+                               b"".join(body), peer, started, query)
             else:                                      # ConnectionClosed or PAUSED
                 return None
 
