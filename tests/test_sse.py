@@ -62,14 +62,6 @@ LF_EXPECTED = [("a", "1\n2", None, None), (None, '{"x": "\u00e9"}', "9", None), 
                (None, "last", "9", 10)]
 
 
-@pytest.mark.parametrize("split", range(1, len(LF_STREAM)))
-def test_line_feed_only_streams_split_anywhere_give_the_same_events_and_bytes(split):
-    parser = tk.SSEParser()
-    events = parser.feed(LF_STREAM[:split]) + parser.feed(LF_STREAM[split:])
-    assert summary(events) == LF_EXPECTED
-    assert b"".join(e.raw for e in events) == LF_STREAM
-
-
 PROVIDER_STREAM = (b"event: message_start\ndata: {\"type\": \"message_start\"}\n\n"
                    b"data: {\"choices\": [{\"delta\": {\"content\": \"caf\xc3\xa9\"}}]}\n\n"
                    b"event: ping\ndata: two\ndata: lines\n\n"
@@ -82,9 +74,15 @@ PROVIDER_EXPECTED = [("message_start", '{"type": "message_start"}', None, None),
                      (None, "[DONE]", None, None)]
 
 
-@pytest.mark.parametrize("split", range(1, len(PROVIDER_STREAM)))
-def test_provider_shaped_streams_read_whole_or_line_by_line_give_the_same_events(split):
+SPLIT_CASES = [(stream, expected, split) for stream, expected in ((LF_STREAM, LF_EXPECTED),
+                                                                   (PROVIDER_STREAM, PROVIDER_EXPECTED))
+               for split in range(1, len(stream))]
+
+
+@pytest.mark.parametrize("stream, expected, split", SPLIT_CASES,
+                         ids=[f"{'lf' if stream is LF_STREAM else 'provider'}-{split}" for stream, _, split in SPLIT_CASES])
+def test_line_feed_only_streams_split_anywhere_give_the_same_events_and_bytes(stream, expected, split):
     parser = tk.SSEParser()
-    events = parser.feed(PROVIDER_STREAM[:split]) + parser.feed(PROVIDER_STREAM[split:])
-    assert summary(events) == PROVIDER_EXPECTED
-    assert b"".join(e.raw for e in events) == PROVIDER_STREAM
+    events = parser.feed(stream[:split]) + parser.feed(stream[split:])
+    assert summary(events) == expected
+    assert b"".join(e.raw for e in events) == stream

@@ -644,9 +644,7 @@ def test_request_lines_reach_the_log_file_soon_and_other_lines_at_once(tmp_path)
         lifecycle.info("listening")
         assert path.read_text() == "request one\nlistening\n"    # flushing one flushes what came before
         requests.info("request two")
-        deadline = time.monotonic() + 2 * LOG_FLUSH_SECONDS + 1
-        while "two" not in path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_until(lambda: "two" in path.read_text(), lambda: None) < 2 * LOG_FLUSH_SECONDS + 1
         assert path.read_text() == "request one\nlistening\nrequest two\n"
     finally:
         for logger in (requests, lifecycle):
