@@ -4970,20 +4970,19 @@ class UpstreamPool:
         await writer.start_tls(tls, server_hostname=origin.host)
         return reader, writer
 
-    async def request(self, origin: Origin, method: str, target: str, headers: list[tuple[str, str]],
-                      body: bytes, relayed: Iterable[tuple[bytes, bytes]] = ()) -> UpstreamResponse:
-        """Send a request and return once the response head arrives (the body is read later);
-        relayed are a client's headers as h11 parsed them, sent as they are after headers."""
+    async def request(self, origin: Origin, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                      body: bytes) -> UpstreamResponse:
+        """Send a request and return once the response head arrives (the body is read later).
+        headers go to h11 unchecked: each is a constant, a value h11 parsed from a client, or a
+        provider's own, checked at start-up (build_upstream), as is the origin's host."""
         if origin.proxy is not None and origin.scheme == "http":
             target = f"http://{origin.host_header}{target}"
-        headers = [("host", origin.host_header), *headers, ("content-length", str(len(body))),
-                   ("accept-encoding", "identity")]
-        checked = checked_headers(headers)
         try:
-            head = (h11.Request(method=method, target=target, headers=[*headers, *relayed]) if checked is None
-                    else h11.Request(method=method.encode(), target=target.encode("latin-1"),
-                                     headers=[*checked, *relayed], http_version=b"1.1", _parsed=True))
-        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+            head = h11.Request(method=method.encode(), target=target.encode("latin-1"), http_version=b"1.1",
+                               headers=[(b"host", origin.host_header.encode()), *headers,
+                                        (b"content-length", b"%d" % len(body)), (b"accept-encoding", b"identity")],
+                               _parsed=True)
+        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:     # a client's query h11 will not send
             raise UpstreamError(f"cannot send the request: {exc}") from None
         idle = self.idle.get(origin)
         while idle:
@@ -5049,7 +5048,7 @@ class Upstream:
     provider: Provider
     origin: Origin | None
     path_prefix: str
-    auth_headers: list[tuple[str, str]]
+    auth_headers: list[tuple[bytes, bytes]]   # the key and the configured headers, checked at start-up
     profile: UpstreamProfile
     drop_tools: frozenset[str] = frozenset()
 
@@ -5080,9 +5079,12 @@ def build_upstream(provider: Provider, env: dict[str, str]) -> Upstream:
                               token_field=provider.token_field,
                               drop_schema_keys=frozenset(provider.drop_schema_keys),
                               reasoning=provider.reasoning)
-    return Upstream(provider, origin, url.path.rstrip("/"),
-                    auth + [(name.lower(), value) for name, value in provider.headers.items()], profile,
-                    frozenset(provider.drop_tools))
+    checked = checked_headers([("host", origin.host_header), *auth,
+                               *((name.lower(), value) for name, value in provider.headers.items())])
+    if checked is None:
+        raise SettingsError(f"provider {provider.name}: its base_url host, api_key or headers hold characters "
+                            "an HTTP header cannot (a line break, or spaces in a header name?)")
+    return Upstream(provider, origin, url.path.rstrip("/"), checked[1:], profile, frozenset(provider.drop_tools))
 
 
 def read_alias_lines(text: str, source: str) -> list[tuple[str, str]]:
@@ -5377,10 +5379,10 @@ def drop_unsupported_tools(wire: str, body: dict, unsupported: frozenset[str]) -
 
 JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
 # A client's headers a passthrough does not relay: hop-by-hop ones, credentials and content-type (ours).
-NOT_RELAYED = HOP_BY_HOP | {name.encode() for name in CREDENTIAL_HEADERS} | {b"content-type"}
-ANTHROPIC_VERSION = "2023-06-01"
+NOT_RELAYED = HOP_BY_HOP | CREDENTIAL_HEADERS | {b"content-type"}
+ANTHROPIC_VERSION = b"2023-06-01"
 TOKEN_LIMIT_FIELDS = {"chat": ("max_tokens", "max_completion_tokens"), "messages": ("max_tokens",),
                       "responses": ("max_output_tokens",)}
 
@@ -6072,35 +6074,31 @@ class Gateway:
         except GatewayError as err:
             await self.send_error(responder, "responses", err)
 
-    def upstream_headers(self, request: Request, upstream: Upstream, passthrough: bool) -> list[tuple[str, str]]:
-        """What the provider's wire needs: a passthrough relays the client's other headers too
-        (relayed_headers); a translation adds only its user-agent."""
-        headers = [("content-type", "application/json")]
-        if not passthrough and "user-agent" in request.headers:
-            headers.append(("user-agent", request.headers["user-agent"]))
+    @staticmethod
+    def upstream_headers(request: Request, upstream: Upstream, passthrough: bool) -> list[tuple[bytes, bytes]]:
+        """What the provider's wire needs, with the client's own headers as h11 parsed them: all but
+        those NOT_RELAYED in a passthrough, only its user-agent in a translation."""
+        if passthrough:
+            headers = [(name, value) for name, value in request.raw_headers if name not in NOT_RELAYED]
+        else:
+            headers = [(name, value) for name, value in request.raw_headers if name == b"user-agent"]
+        headers.append((b"content-type", b"application/json"))
         if upstream.provider.forward_client_auth:
             # The gateway's own key (tok_…) authenticates to the gateway; the other credential is the user's.
-            headers += [(name, value) for name in CREDENTIAL_HEADERS
-                        if (value := request.headers.get(name)) and not is_gateway_key(value)]
+            headers += [(name, value) for name, value in request.raw_headers
+                        if name in CREDENTIAL_HEADERS and not is_gateway_key(value.decode("latin-1"))]
         else:
             headers += upstream.auth_headers
         if upstream.wire == "messages" and not (passthrough and "anthropic-version" in request.headers):
-            headers.append(("anthropic-version", ANTHROPIC_VERSION))
+            headers.append((b"anthropic-version", ANTHROPIC_VERSION))
         return headers
-
-    @staticmethod
-    def relayed_headers(request: Request) -> list[tuple[bytes, bytes]]:
-        """A passthrough's client headers, as h11 parsed them, but those NOT_RELAYED."""
-        return [(name, value) for name, value in request.raw_headers if name not in NOT_RELAYED]
 
     async def call_upstream(self, ex: Exchange, upstream: Upstream, suffix: str, request: Request, body: bytes,
                             passthrough: bool) -> UpstreamResponse:
         assert upstream.origin is not None
         headers = self.upstream_headers(request, upstream, passthrough)
-        relayed = self.relayed_headers(request) if passthrough else ()
         try:
-            ex.upstream = await self.pool.request(upstream.origin, "POST", upstream.target(suffix), headers, body,
-                                                  relayed)
+            ex.upstream = await self.pool.request(upstream.origin, "POST", upstream.target(suffix), headers, body)
         except UpstreamError as exc:
             raise GatewayError(502, "api_error", f"provider {upstream.name}: {exc}") from None
         return ex.upstream

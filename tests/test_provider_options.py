@@ -2,9 +2,10 @@
 the token field, schema keys a provider rejects, and reasoning off."""
 import anthropic
 import openai
+import pytest
 
 from conftest import provider_section
-from team_edition import ADMIN_KEY, TEAM_ENV, call
+from team_edition import ADMIN_KEY, TEAM_ENV, call, clean_env, run_cli
 
 
 def sent_headers(mock) -> dict[str, str]:
@@ -23,6 +24,18 @@ def test_extra_headers_from_settings_go_upstream(gateway_factory, mock):
 CLAUDE_BODY = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 ANTHROPIC_FORWARDING = "[provider.anthropic]\nwire = messages\nbase_url = {}\nforward_client_auth = true\n" \
                        "[routes]\n* = anthropic\n"
+
+
+@pytest.mark.parametrize("section, env", [
+    ("headers =\n  Bad Name: value\n", {}),
+    ("", {"TOKLIGENCE_PROVIDER_ROUTER_API_KEY": "sk-key\nX-Injected: yes"}),
+])
+def test_a_provider_header_http_cannot_carry_stops_the_gateway_at_start(tmp_path, section, env):
+    config = tmp_path / "settings.ini"
+    config.write_text(f"[provider.router]\nbase_url = http://127.0.0.1:9/v1\n{section}")
+    started = run_cli(config, "--port", "0", env={**clean_env(tmp_path), **env})
+    assert started.returncode == 2
+    assert "provider router: its base_url host, api_key or headers hold characters" in started.stderr
 
 
 def test_forward_client_auth_sends_the_clients_own_key(gateway_factory, mock):
