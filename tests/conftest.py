@@ -89,3 +89,24 @@ def gateway_factory(tmp_path):
 
 def provider_section(name: str, mock: MockUpstream, wire: str = "chat", extra: str = "") -> str:
     return f"[provider.{name}]\nwire = {wire}\nbase_url = {mock.base_url}/v1\napi_key = sk-test-{name}\n{extra}\n"
+
+
+def assert_neutral_stream(events: list, cut_off: bool = False) -> None:
+    """The neutral stream's guarantees: Start first, blocks 0, 1, 2 … one open at a time and each
+    closed (but the last, in a stream cut_off by a failure), nothing but blocks between, one
+    terminal event (Finish or StreamFailure) last."""
+    assert isinstance(events[0], tk.Start)
+    assert isinstance(events[-1], (tk.Finish, tk.StreamFailure))
+    assert not any(isinstance(e, (tk.Finish, tk.StreamFailure)) for e in events[:-1])
+    expected, open_index = 0, None
+    for event in events[1:-1]:
+        if isinstance(event, tk.BlockStart):
+            assert open_index is None and event.index == expected
+            open_index, expected = event.index, expected + 1
+        elif isinstance(event, (tk.Delta, tk.BlockEnd)):
+            assert event.index == open_index
+            if isinstance(event, tk.BlockEnd):
+                open_index = None
+        else:
+            pytest.fail(f"unexpected {event!r}")
+    assert open_index is None or (cut_off and isinstance(events[-1], tk.StreamFailure))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_neutral_stream
 from tokligence import *  # noqa: E402,F403
 from tokligence import CUSTOM_TOOL_INPUT  # noqa: E402
 
@@ -41,24 +42,6 @@ def sse_datas(raw: bytes) -> list[str]:
 def encode(events, include_usage=True, id="chatcmpl-x", model="gpt-test"):
     encoder = ChatStreamEncoder(model, include_usage, id=id, created=1700000000)
     return b"".join(encoder.feed(event) for event in events)
-
-
-def assert_block_protocol(events):
-    """The neutral stream guarantees: Start first, blocks 0,1,2… one open at a time, Finish last once."""
-    assert isinstance(events[0], Start)
-    assert isinstance(events[-1], (Finish, StreamFailure))
-    assert sum(isinstance(e, (Finish, StreamFailure)) for e in events) == 1
-    open_index, next_index = None, 0
-    for event in events[1:-1]:
-        if isinstance(event, BlockStart):
-            assert open_index is None and event.index == next_index
-            open_index, next_index = event.index, next_index + 1
-        elif isinstance(event, Delta):
-            assert event.index == open_index
-        elif isinstance(event, BlockEnd):
-            assert event.index == open_index
-            open_index = None
-    assert open_index is None or isinstance(events[-1], StreamFailure)
 
 
 def collect(events) -> Reply:
@@ -588,7 +571,7 @@ def test_decoder_streams_parallel_tool_call_arguments_as_they_arrive():
              chunk({}, finish="tool_calls"), chunk(choices=False, usage={"prompt_tokens": 3, "completion_tokens": 4}),
              "[DONE]"]
     events = decode(datas)
-    assert_block_protocol(events)
+    assert_neutral_stream(events)
     assert events[1:] == [
         BlockStart(0, ToolCall("call_a", "get_weather", "")), Delta(0, '{"ci', "arguments"),
         Delta(0, 'ty":"Paris"}', "arguments"), BlockEnd(0),
@@ -609,7 +592,7 @@ def test_decoder_holds_back_interleaved_tool_calls_instead_of_reopening_blocks()
              call(0, "1}"), call(1, "2}"), call(2, "{}", id="c2", name="h"),
              chunk({}, finish="tool_calls"), "[DONE]"]
     events = decode(datas)
-    assert_block_protocol(events)
+    assert_neutral_stream(events)
     # the first call still streams live; the interleaved one waits for it
     assert events[1:4] == [BlockStart(0, ToolCall("c0", "f", "")), Delta(0, '{"a":', "arguments"),
                            Delta(0, "1}", "arguments")]
@@ -633,7 +616,7 @@ def test_decoder_several_calls_in_one_chunk():
         {"index": 1, "id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}),
         chunk({}, finish="tool_calls"), "[DONE]"]
     events = decode(datas)
-    assert_block_protocol(events)
+    assert_neutral_stream(events)
     assert collect(events).parts == [ToolCall("a", "f", "{\"q\":1}"), ToolCall("b", "g", "{}")]
 
 
@@ -645,7 +628,7 @@ def test_decoder_puts_reasoning_in_a_thinking_block_before_the_text(reasoning_ke
                                              "completion_tokens_details": {"reasoning_tokens": 5}}),
              "[DONE]"]
     events = decode(datas)
-    assert_block_protocol(events)
+    assert_neutral_stream(events)
     assert events[1:] == [BlockStart(0, Thinking()), Delta(0, "Let me ", "thinking"), Delta(0, "think.", "thinking"),
                           BlockEnd(0), BlockStart(1, Text("")), Delta(1, "Answer"), BlockEnd(1),
                           Finish("stop", Usage(2, 9, reasoning=5))]
@@ -676,7 +659,7 @@ def test_decoder_without_done_still_finishes_once():
 
 def test_decoder_reports_a_cut_stream_as_failure():
     events = decode([chunk({"content": "partial"})], close=True)
-    assert_block_protocol(events)
+    assert_neutral_stream(events, cut_off=True)
     failure = events[-1]
     assert isinstance(failure, StreamFailure)
     assert (failure.error.status, failure.error.kind, failure.error.message) == (

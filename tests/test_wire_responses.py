@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_neutral_stream
 from tokligence import *  # noqa: E402,F403
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -102,26 +103,6 @@ def check_responses_sse(raw: bytes | str) -> list[dict]:
     response = payloads[-1]["response"]
     assert [item["id"] for item in response["output"]] == [items[i]["id"] for i in sorted(items)]
     return payloads
-
-
-def check_neutral_events(events: list[Event]) -> None:
-    """The neutral stream guarantees: Start first, blocks 0, 1, 2 … one at a time, one terminal last."""
-    assert isinstance(events[0], Start)
-    assert isinstance(events[-1], (Finish, StreamFailure))
-    assert not any(isinstance(e, (Finish, StreamFailure)) for e in events[:-1])
-    expected, open_index = 0, None
-    for event in events[1:-1]:
-        if isinstance(event, BlockStart):
-            assert open_index is None and event.index == expected
-            open_index, expected = event.index, expected + 1
-        elif isinstance(event, Delta):
-            assert event.index == open_index
-        elif isinstance(event, BlockEnd):
-            assert event.index == open_index
-            open_index = None
-        else:
-            pytest.fail(f"unexpected {event!r}")
-    assert open_index is None
 
 
 # ---- requests: Codex fixtures ------------------------------------------------------------------
@@ -566,7 +547,7 @@ EXPECTED_FIXTURE_PARTS = {
 @pytest.mark.parametrize("name", STREAM_FIXTURES)
 def test_decoder_turns_every_stream_fixture_into_well_ordered_events(name):
     events = decode((FIXTURES / name).read_text())
-    check_neutral_events(events)
+    assert_neutral_stream(events)
     collector = ReplyCollector()
     for event in events:
         collector.feed(event)
@@ -603,7 +584,7 @@ def test_decoder_accepts_deltas_without_content_part_events_and_joins_summary_pa
         {"type": "response.output_item.done", "output_index": 1, "item": {"type": "message", "id": "m"}},
         {"type": "response.completed", "response": {"status": "completed"}})
     events = decode(raw)
-    check_neutral_events(events)
+    assert_neutral_stream(events)
     assert events == [Start("resp_1", "gpt-oss"), BlockStart(0, Thinking()), Delta(0, "one", "thinking"),
                       Delta(0, "\n\n", "thinking"), Delta(0, "two", "thinking"), BlockEnd(0),
                       BlockStart(1, Text("")), Delta(1, "Hi"), BlockEnd(1), Finish("stop")]
@@ -613,7 +594,7 @@ def test_decoder_replays_a_final_response_that_was_never_streamed():
     raw = sse_lines({"type": "response.completed", "response": {"id": "resp_1", "model": "m", "output": [
         {"type": "message", "content": [{"type": "output_text", "text": "all at once"}]}]}})
     events = decode(raw)
-    check_neutral_events(events)
+    assert_neutral_stream(events)
     assert events[1:4] == [BlockStart(0, Text("")), Delta(0, "all at once"), BlockEnd(0)]
 
 
