@@ -146,12 +146,17 @@ def test_a_method_the_endpoint_lacks_is_a_405_naming_the_allowed_ones(team):
     assert "PUT is not allowed" in reply.json()["error"]["message"]
 
 
-def test_hooks_get_every_change_with_the_admin_as_actor(gateway_factory, tmp_path):
+def hooked_gateway(gateway_factory, tmp_path):
+    """A team gateway whose hook script appends each event to events.jsonl; (gateway, that file)."""
     events = tmp_path / "events.jsonl"
     hook = tmp_path / "hook.sh"
     hook.write_text(f"#!/bin/sh\ncat >> {events}\necho >> {events}\n")
     hook.chmod(0o755)
-    gw = gateway_factory("", {**TEAM_ENV, "TOKLIGENCE_HOOK_SCRIPT": str(hook)})
+    return gateway_factory("", {**TEAM_ENV, "TOKLIGENCE_HOOK_SCRIPT": str(hook)}), events
+
+
+def test_hooks_get_every_change_with_the_admin_as_actor(gateway_factory, tmp_path):
+    gw, events = hooked_gateway(gateway_factory, tmp_path)
     _, boss_key = add_user(gw, "boss@example.com", role="admin")            # by the first admin, id 1
     user = call(gw, "POST", "/api/v1/admin/users", {"email": "eve@example.com"}, key=boss_key).json()
     call(gw, "PATCH", f"/api/v1/admin/users/{user['id']}", {"name": "Eve"}, key=boss_key)
@@ -174,11 +179,7 @@ def test_hooks_get_every_change_with_the_admin_as_actor(gateway_factory, tmp_pat
 
 
 def test_an_update_to_status_disabled_is_reported_as_user_disabled(gateway_factory, tmp_path):
-    events = tmp_path / "events.jsonl"
-    hook = tmp_path / "hook.sh"
-    hook.write_text(f"#!/bin/sh\ncat >> {events}\necho >> {events}\n")
-    hook.chmod(0o755)
-    gw = gateway_factory("", {**TEAM_ENV, "TOKLIGENCE_HOOK_SCRIPT": str(hook)})
+    gw, events = hooked_gateway(gateway_factory, tmp_path)
     user = call(gw, "POST", "/api/v1/admin/users", {"email": "d@example.com"}, key=ADMIN_KEY).json()
     call(gw, "PATCH", f"/api/v1/admin/users/{user['id']}", {"status": "disabled"}, key=ADMIN_KEY)
     call(gw, "PATCH", f"/api/v1/admin/users/{user['id']}", {"status": "active"}, key=ADMIN_KEY)

@@ -63,15 +63,23 @@ def gateway_to(gateway_factory, mock, wire: str):
 
 # ---- Chat provider: the gateway translates ------------------------------------------------------
 
-def test_claude_code_prints_a_text_answer_from_a_chat_provider(gateway_factory, mock, tmp_path):
+def text_answer_turns(gateway_factory, mock, tmp_path, wire: str) -> tuple[subprocess.CompletedProcess, list]:
+    """Claude Code asked for one word through a provider of this wire: it prints the provider's
+    answer; returns its run and the requests of its main turn (not the title request)."""
     answer = "PONG-" + secrets.token_hex(4)
     mock.handler = lambda request: {"text": answer if is_main_turn(request.json or {}) else "Title"}
-    gw = gateway_to(gateway_factory, mock, "chat")
+    gw = gateway_to(gateway_factory, mock, wire)
     result = run_claude(gw, tmp_path, "Reply with the word pong.")
     assert result.returncode == 0, describe(result, mock)
     assert answer in result.stdout, describe(result, mock)
     main = [r for r in mock.requests if is_main_turn(r.json or {})]
-    assert main and all(r.route == "/v1/chat/completions" for r in mock.requests), describe(result, mock)
+    assert main, describe(result, mock)
+    return result, main
+
+
+def test_claude_code_prints_a_text_answer_from_a_chat_provider(gateway_factory, mock, tmp_path):
+    result, main = text_answer_turns(gateway_factory, mock, tmp_path, "chat")
+    assert all(r.route == "/v1/chat/completions" for r in mock.requests), describe(result, mock)
     body = main[0].json
     assert body["stream"] is True and body["model"].startswith("claude")
     assert body["messages"][0]["role"] == "system"                     # Claude Code's system prompt
@@ -84,14 +92,7 @@ def test_claude_code_prints_a_text_answer_from_a_chat_provider(gateway_factory, 
 # ---- Messages provider: the gateway relays --------------------------------------------------------
 
 def test_claude_code_prints_a_text_answer_from_a_messages_provider(gateway_factory, mock, tmp_path):
-    answer = "PONG-" + secrets.token_hex(4)
-    mock.handler = lambda request: {"text": answer if is_main_turn(request.json or {}) else "Title"}
-    gw = gateway_to(gateway_factory, mock, "messages")
-    result = run_claude(gw, tmp_path, "Reply with the word pong.")
-    assert result.returncode == 0, describe(result, mock)
-    assert answer in result.stdout, describe(result, mock)
-    main = [r for r in mock.requests if is_main_turn(r.json or {})]
-    assert main, describe(result, mock)
+    _, main = text_answer_turns(gateway_factory, mock, tmp_path, "messages")
     sent = main[0]
     assert sent.route == "/v1/messages"
     assert sent.header("x-api-key") == "sk-test-up" and sent.header("authorization") is None
