@@ -60,6 +60,42 @@ def test_pipelined_requests_are_answered_in_order(gateway_factory):
     assert reply.rindex(b'"status": "ok"') > positions[-1]
 
 
+def test_a_body_split_across_packets_then_a_pipelined_request_are_both_answered(gateway_factory):
+    gw = gateway_factory()
+    first = post("/v1/chat/completions", chat_body("split body"))
+    second = post("/v1/chat/completions", chat_body("right after"), "Connection: close\r\n")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        for piece in (first[:40], first[40:-7], first[-7:] + second[:30], second[30:]):
+            sock.sendall(piece)
+            time.sleep(0.05)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.count(b"HTTP/1.1 200") == 2
+    assert reply.index(b"echo: split body") < reply.index(b"echo: right after")
+
+
+def test_a_chunked_request_body_is_read_and_the_connection_serves_the_next_request(gateway_factory):
+    gw = gateway_factory()
+    body = chat_body("chunked upload")
+    data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:])
+            + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    reply = raw_exchange(gw.port, data)
+    assert reply.count(b"HTTP/1.1 200") == 2 and b"echo: chunked upload" in reply
+
+
+def test_a_slow_body_times_out_with_408_and_a_client_leaving_mid_body_is_forgotten(gateway_factory):
+    gw = gateway_factory("[gateway]\nread_timeout = 0.3\n")
+    partial = post("/v1/chat/completions", chat_body("never finished"))[:-5]
+    started = time.monotonic()
+    assert raw_exchange(gw.port, partial).startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 3
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(partial)
+    assert b"200 OK" in raw_exchange(gw.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+
+
 def test_expect_100_continue_gets_an_interim_response(gateway_factory):
     gw = gateway_factory()
     body = chat_body("continued")

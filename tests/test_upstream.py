@@ -2,6 +2,7 @@
 import http.client
 import json
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -161,12 +162,88 @@ def test_broken_chunked_framing_is_an_upstream_error(pieces, problem):
         read_chunked(*pieces)
 
 
+# ---- bodies framed by length or by the end of the connection (sans-IO) ----------------------------
+def read_length(length, *pieces: bytes) -> tuple[tk.LengthBody, bytes]:
+    body = tk.LengthBody(length)
+    return body, b"".join(b"".join(body.feed(piece)) for piece in pieces)
+
+
+def test_a_content_length_body_reads_the_same_however_its_bytes_are_split_and_keeps_what_follows():
+    data = b'{"id": "x"}HTTP/1.1 200 OK\r\n'
+    for cut in range(1, 12):            # the read that completes the body carries the bytes after it
+        body, payload = read_length(11, data[:cut], data[cut:])
+        assert (payload, body.done, body.extra) == (b'{"id": "x"}', True, b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_content_length_body_cut_short_is_an_upstream_error():
+    body, payload = read_length(11, b'{"id"')
+    assert not body.done and payload == b'{"id"'
+    with pytest.raises(tk.UpstreamError, match="closed the connection mid-response"):
+        body.feed(b"")
+
+
+def test_an_empty_body_is_done_before_any_read_and_a_close_delimited_one_at_the_close():
+    assert tk.LengthBody(0).done
+    body, payload = read_length(None, b"part one, ", b"part two", b"")
+    assert body.done and payload == b"part one, part two"
+
+
+class RawProvider:
+    """A provider that answers every request on a connection with the same bytes, as an old or
+    minimal HTTP server would; it counts the connections it was given."""
+
+    def __init__(self, answer: bytes, close: bool):
+        self.answer, self.close, self.connections = answer, close, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer_all, args=(conn,), daemon=True).start()
+
+    def answer_all(self, conn):
+        with conn:
+            while (data := conn.recv(65536)) and b"\r\n\r\n" in data:
+                conn.sendall(self.answer)
+                if self.close:
+                    return
+
+
+CHAT_REPLY = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "old server"}}]}).encode()
+
+
+def test_a_body_that_ends_with_the_connection_is_read_whole_and_the_connection_not_reused(gateway_factory):
+    provider = RawProvider(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n" + CHAT_REPLY, close=True)
+    gw = gateway_factory(provider_section("old", provider) + "[routes]\n* = old\n")
+    for _ in range(2):
+        assert ask(gw).choices[0].message.content == "old server"
+    assert provider.connections == 2
+    assert idle_upstream_connections(gw, 0) == 0
+
+
+def test_a_connection_with_bytes_after_the_body_is_not_reused(gateway_factory):
+    provider = RawProvider(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                           b"HTTP/1.1 200 OK\r\n" % (len(CHAT_REPLY), CHAT_REPLY), close=False)
+    gw = gateway_factory(provider_section("stray", provider) + "[routes]\n* = stray\n")
+    for _ in range(2):
+        assert ask(gw).choices[0].message.content == "old server"
+    assert provider.connections == 2
+
+
 # ---- TLS and proxies ------------------------------------------------------------------------------
 import asyncio  # noqa: E402
 import shutil  # noqa: E402
 import ssl  # noqa: E402
 import subprocess  # noqa: E402
-import threading  # noqa: E402
 
 
 class PipeServer:
