@@ -2,8 +2,9 @@
 
 There is no Docker engine here, so the image is checked without one: the Dockerfile's stages and
 instructions are read, and its entry and health-check commands are run by hand in a clean virtual
-environment holding only requirements.txt, with the image's environment (its /data mapped to a
-temporary directory). The venvs are slow to make, so each is shared by the whole module.
+environment holding only requirements.txt, with the image's environment (its /app built in a
+temporary directory by the Dockerfile's COPY and compile steps, its /data mapped to another). The
+venvs are slow to make, so each is shared by the whole module.
 """
 import fnmatch
 import http.client
@@ -123,19 +124,38 @@ def healthcheck_command(config: dict) -> tuple[dict[str, str], list[str]]:
 
 
 # ---- the image's commands, run by hand -----------------------------------------------------------
-def host_argv(argv: list[str], config: dict, python: Path) -> list[str]:
-    """An image command as this machine runs it: the venv's python, files from where COPY took them."""
-    copied = {dest: ROOT / sources[0] for _, sources, dest, _ in config["copies"] if len(sources) == 1}
-    return [str(python) if arg == "python" else str(copied.get(arg, arg)) for arg in argv]
+def on_host(value: str, app: Path, data: Path | None = None) -> str:
+    """An image path as this machine has it: /app is the image's /app built here, /data the volume."""
+    for image_dir, host_dir in (("/app", app), ("/data", data)):
+        if host_dir is not None and (value == image_dir or value.startswith(image_dir + "/")):
+            return str(host_dir) + value[len(image_dir):]
+    return value
 
 
-def host_env(config: dict, data: Path, **extra: str) -> dict[str, str]:
-    """The image's environment with /data mapped to data, and nothing of this machine's but PATH."""
+def host_argv(argv: list[str], app: Path, python: Path) -> list[str]:
+    """An image command as this machine runs it: the venv's python, the image's files from app."""
+    return [str(python) if arg == "python" else on_host(arg, app) for arg in argv]
+
+
+def host_env(config: dict, app: Path, data: Path, **extra: str) -> dict[str, str]:
+    """The image's environment with its paths mapped here, and nothing of this machine's but PATH."""
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
-    for key, value in config["env"].items():
-        env[key] = str(data) + value[len("/data"):] if value == "/data" or value.startswith("/data/") else value
+    env.update((key, on_host(value, app, data)) for key, value in config["env"].items())
     env.update(extra)
     return env
+
+
+def build_app(python: Path, into: Path) -> Path:
+    """The image's /app as its COPY and RUN steps leave it: the copied files, then compiled."""
+    config = image()
+    app = into / "app"
+    app.mkdir()
+    for _, sources, dest, _ in config["copies"]:
+        shutil.copy(ROOT / sources[0], on_host(dest, app))
+    for step in config["runs"]:
+        if step.startswith("python -m py_compile "):
+            run(host_argv(shlex.split(step), app, python))
+    return app
 
 
 def free_port() -> int:
@@ -157,16 +177,16 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
 class ImageProcess:
     """The image's ENTRYPOINT + CMD for one edition, running here with the image's environment."""
 
-    def __init__(self, python: Path, edition: str, data: Path, **env: str):
+    def __init__(self, python: Path, app: Path, edition: str, data: Path, **env: str):
         self.config = image(edition)
         self.data = data
         data.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.output = data.parent / f"{data.name}-{self.port}.out"
-        argv = host_argv(self.config["entrypoint"] + self.config["cmd"], self.config, python)
+        argv = host_argv(self.config["entrypoint"] + self.config["cmd"], app, python)
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(argv, cwd=data, stdout=out, stderr=subprocess.STDOUT,
-                                         env=host_env(self.config, data, TOKLIGENCE_PORT=str(self.port), **env))
+                                         env=host_env(self.config, app, data, TOKLIGENCE_PORT=str(self.port), **env))
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
@@ -220,15 +240,20 @@ def runtime_python(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def personal(runtime_python, tmp_path_factory):
-    process = ImageProcess(runtime_python, "personal", tmp_path_factory.mktemp("personal") / "data")
+def app(runtime_python, tmp_path_factory) -> Path:
+    return build_app(runtime_python, tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="module")
+def personal(runtime_python, app, tmp_path_factory):
+    process = ImageProcess(runtime_python, app, "personal", tmp_path_factory.mktemp("personal") / "data")
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
-def team(runtime_python, tmp_path_factory):
-    process = ImageProcess(runtime_python, "team", tmp_path_factory.mktemp("team") / "data")
+def team(runtime_python, app, tmp_path_factory):
+    process = ImageProcess(runtime_python, app, "team", tmp_path_factory.mktemp("team") / "data")
     yield process
     process.stop()
 
@@ -331,12 +356,26 @@ def test_every_copied_file_exists_and_is_in_the_build_context():
         for source in sources:
             assert (ROOT / source).is_file(), source
             assert not dockerignore_excludes(source), f"{source} is left out by .dockerignore"
-    assert ("/app/tokligence.py" in image()["entrypoint"]
-            and any(dest == "/app/tokligence.py" for _, _, dest, _ in copies))
+    assert any(dest == "/app/tokligence.py" for _, _, dest, _ in copies)
     # `docker exec … tokligence …`: the file is executable, linked onto PATH, and finds python itself
     assert any("--chmod=755 tokligence.py /app/tokligence.py" in raw for _, _, _, raw in copies)
     assert any("ln -s /app/tokligence.py /usr/local/bin/tokligence" in step for step in image()["runs"])
     assert (ROOT / "tokligence.py").read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_the_image_serves_from_the_bytecode_compiled_when_it_was_built(runtime_python, app, tmp_path):
+    # The entry command runs the module from PYTHONPATH, and the image writes no bytecode at run
+    # time (PYTHONDONTWRITEBYTECODE): the code object must be the one compiled by the build.
+    config = image()
+    assert config["entrypoint"] == ["python", "-P", "-m", "tokligence"] and config["env"]["PYTHONPATH"] == "/app"
+    assert config["env"]["PYTHONDONTWRITEBYTECODE"] == "1"
+    compiled = sorted((app / "__pycache__").glob("tokligence.*.pyc"))
+    assert len(compiled) == 1
+    result = subprocess.run(host_argv(config["entrypoint"] + ["--version"], app, runtime_python), cwd=tmp_path,
+                            env=host_env(config, app, tmp_path, PYTHONVERBOSE="1"), capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip() == f"tokligence {tk.__version__}"
+    assert f"# code object from '{compiled[0]}'" in result.stderr
 
 
 def test_secrets_and_clutter_stay_out_of_the_build_context():
@@ -370,13 +409,13 @@ def test_personal_edition_serves_only_loopback_host_names(personal):
     assert status == 403 and b"allowed_hosts" in body
 
 
-def test_team_edition_prints_the_first_admin_key_once_and_requires_keys(team, runtime_python, tmp_path):
+def test_team_edition_prints_the_first_admin_key_once_and_requires_keys(team, runtime_python, app):
     key = printed_admin_key(team)
     assert get(team.port, "/health")[0] == 200                               # no key needed
     assert get(team.port, "/v1/models")[0] == 401
     assert get(team.port, "/v1/models", {"Authorization": f"Bearer {key}"})[0] == 200
     assert get(team.port, "/v1/models", {"Host": "gateway.example", "x-api-key": key})[0] == 200
-    second = ImageProcess(runtime_python, "team", team.data)                  # same volume, next start
+    second = ImageProcess(runtime_python, app, "team", team.data)             # same volume, next start
     try:
         assert "tok_" not in second.text()
         assert get(second.port, "/v1/models", {"Authorization": f"Bearer {key}"})[0] == 200
@@ -384,9 +423,9 @@ def test_team_edition_prints_the_first_admin_key_once_and_requires_keys(team, ru
         second.stop()
 
 
-def test_team_edition_takes_the_admin_key_from_the_environment(runtime_python, tmp_path):
+def test_team_edition_takes_the_admin_key_from_the_environment(runtime_python, app, tmp_path):
     key = "tok_" + "k" * 40
-    process = ImageProcess(runtime_python, "team", tmp_path / "data", TOKLIGENCE_ADMIN_KEY=key)
+    process = ImageProcess(runtime_python, app, "team", tmp_path / "data", TOKLIGENCE_ADMIN_KEY=key)
     try:
         assert key not in process.text()
         assert get(process.port, "/v1/models", {"x-api-key": key})[0] == 200
@@ -394,31 +433,35 @@ def test_team_edition_takes_the_admin_key_from_the_environment(runtime_python, t
         process.stop()
 
 
-def test_the_image_runs_cli_commands_given_after_its_name(team, runtime_python):
+def test_the_image_runs_cli_commands_given_after_its_name(team, runtime_python, app):
     config = image("team")
-    env = host_env(config, team.data)
+    env = host_env(config, app, team.data)
 
     def command(*args: str) -> str:
-        return run(host_argv(config["entrypoint"] + list(args), config, runtime_python), env=env,
+        return run(host_argv(config["entrypoint"] + list(args), app, runtime_python), env=env,
                    cwd=team.data).stdout
 
     assert f"ledger_path = {team.data}/ledger.db" in command("config")
     command("user", "add", "alice@example.com")
     key = command("key", "create", "alice@example.com").split()[-1]
     assert key.startswith("tok_")
-    assert get(team.port, "/v1/models", {"Authorization": f"Bearer {key}"})[0] == 200   # seen at once
+    # The running gateway looks for new keys at most once a second (KEY_CHECK_INTERVAL_SECONDS).
+    deadline = time.monotonic() + 1 + tk.KEY_CHECK_INTERVAL_SECONDS
+    while (status := get(team.port, "/v1/models", {"Authorization": f"Bearer {key}"})[0]) != 200:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
     assert (team.data / "logs" / "cli.log").is_file()
 
 
-def test_healthcheck_command_passes_while_up_and_fails_once_stopped(runtime_python, tmp_path):
+def test_healthcheck_command_passes_while_up_and_fails_once_stopped(runtime_python, app, tmp_path):
     config = image()
     _, command = healthcheck_command(config)
-    process = ImageProcess(runtime_python, "personal", tmp_path / "data")
+    process = ImageProcess(runtime_python, app, "personal", tmp_path / "data")
 
     def check() -> int:
-        env = host_env(config, tmp_path / "data", TOKLIGENCE_PORT=str(process.port),
+        env = host_env(config, app, tmp_path / "data", TOKLIGENCE_PORT=str(process.port),
                        HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
-        return subprocess.run(host_argv(command, config, runtime_python), env=env, capture_output=True,
+        return subprocess.run(host_argv(command, app, runtime_python), env=env, capture_output=True,
                               timeout=30).returncode
 
     try:
@@ -593,7 +636,7 @@ def test_docker_doc_health_and_host_commands(personal, runtime_python):
     assert shell(FOREIGN_HOST, runtime_python, personal.port).strip() == "403"
 
 
-def test_docker_doc_settings_file_is_read_and_the_image_env_still_wins(runtime_python, tmp_path):
+def test_docker_doc_settings_file_is_read_and_the_image_env_still_wins(runtime_python, app, tmp_path):
     shutil.copy(ROOT / "tokligence.py", tmp_path)
     shell(INIT, runtime_python, cwd=tmp_path)
     settings = tmp_path / "settings.ini"
@@ -601,8 +644,8 @@ def test_docker_doc_settings_file_is_read_and_the_image_env_still_wins(runtime_p
     config = image()
     data = tmp_path / "data"
     data.mkdir()
-    env = host_env(config, data, TOKLIGENCE_CONFIG=str(settings))   # -e TOKLIGENCE_CONFIG=/config/settings.ini
-    out = run(host_argv(config["entrypoint"] + ["config"], config, runtime_python), env=env, cwd=data).stdout
+    env = host_env(config, app, data, TOKLIGENCE_CONFIG=str(settings))   # -e TOKLIGENCE_CONFIG=/config/settings.ini
+    out = run(host_argv(config["entrypoint"] + ["config"], app, runtime_python), env=env, cwd=data).stdout
     assert f"# settings file: {settings}\n" in out
     assert re.search(r"^host = 0\.0\.0\.0 +# env TOKLIGENCE_HOST$", out, re.M)
     assert re.search(rf"^ledger_path = {re.escape(str(data))}/ledger\.db +# env TOKLIGENCE_LEDGER_PATH$", out, re.M)
