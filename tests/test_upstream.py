@@ -1,6 +1,7 @@
 """The upstream client as users feel it: connection reuse, decoding, timeouts, disconnects."""
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -210,10 +211,18 @@ class RawProvider:
 
     def answer_all(self, conn):
         with conn:
-            while (data := conn.recv(65536)) and b"\r\n\r\n" in data:
-                conn.sendall(self.answer)
-                if self.close:
-                    return
+            buffer = b""
+            while data := conn.recv(65536):
+                buffer += data
+                while b"\r\n\r\n" in buffer:                      # a whole request: head and body
+                    head, _, rest = buffer.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+                    if len(rest) < length:
+                        break
+                    buffer = rest[length:]
+                    conn.sendall(self.answer)
+                    if self.close:
+                        return
 
 
 CHAT_REPLY = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
