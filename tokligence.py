@@ -4489,6 +4489,10 @@ class BrokenRequest(Exception):
         self.path = path
         self.error = error
 
+    @classmethod
+    def timed_out(cls, path: str) -> BrokenRequest:
+        return cls(path, GatewayError(408, "timeout", "timed out reading the request"))
+
 
 class HTTPServer:
     """asyncio + h11 server. `handler(request, responder)` must send a complete response."""
@@ -4541,7 +4545,7 @@ class HTTPServer:
                 await self.handler(request, Responder(conn, reader, writer))
                 if conn.our_state is not h11.DONE:
                     break          # h11 decided the connection ends here (Connection: close, HTTP/1.0)
-                # A fresh h11 for the next request: it may not have seen this one's body (see below).
+                # A fresh h11 for the next request: this one's body was likely read past h11 (_read_request).
                 conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
                 if pipelined:
                     conn.receive_data(pipelined)
@@ -4593,8 +4597,7 @@ class HTTPServer:
                 except TimeoutError:
                     if head is None and not conn.trailing_data[0]:
                         return None                   # idle keep-alive connection: close quietly
-                    raise BrokenRequest(path, GatewayError(408, "timeout", "timed out reading the request")
-                                        ) from None
+                    raise BrokenRequest.timed_out(path) from None
                 conn.receive_data(data)
                 if head is None and data:
                     timeout = settings.header_timeout
@@ -4646,7 +4649,7 @@ class HTTPServer:
             try:
                 data = await deadline.read(reader, timeout)
             except TimeoutError:
-                raise BrokenRequest(path, GatewayError(408, "timeout", "timed out reading the request")) from None
+                raise BrokenRequest.timed_out(path) from None
             if not data:
                 return None
             pieces.append(data)
