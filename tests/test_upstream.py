@@ -248,6 +248,28 @@ def test_a_connection_with_bytes_after_the_body_is_not_reused(gateway_factory):
     assert provider.connections == 2
 
 
+@pytest.mark.parametrize("data, rest, final", [
+    (b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\n", True),
+    (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\n", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 404", b"HTTP/1.1 404", True),
+    (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n", False),
+    (b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.", b"HTTP/1.", False),
+    (b"HTTP/1.1", b"HTTP/1.1", False),
+])
+def test_interim_heads_before_the_final_response_are_dropped(data, rest, final):
+    assert tk.after_interim_heads(data) == (rest, final)
+
+
+def test_a_provider_that_sends_early_hints_first_is_answered_and_its_connection_reused(gateway_factory):
+    provider = RawProvider(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+                           b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                           % (len(CHAT_REPLY), CHAT_REPLY), close=False)
+    gw = gateway_factory(provider_section("hinting", provider) + "[routes]\n* = hinting\n")
+    for _ in range(2):
+        assert ask(gw).choices[0].message.content == "old server"
+    assert provider.connections == 1
+
+
 # ---- TLS and proxies ------------------------------------------------------------------------------
 import asyncio  # noqa: E402
 import shutil  # noqa: E402
