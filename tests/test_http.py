@@ -5,7 +5,6 @@ import json
 import socket
 import time
 
-import h11
 import pytest
 
 import tokligence as tk
