@@ -5680,13 +5680,10 @@ class LogEvent:
     fields: dict[str, Any]
 
     def __str__(self) -> str:
-        return self.name + "".join(f" {key}={self.text(value)}" for key, value in self.fields.items())
-
-    @staticmethod
-    def text(value: Any) -> str:
-        if value is None:
-            return "-"
-        return str(value).lower() if isinstance(value, bool) else str(value)
+        # None is "-" and booleans are lower case; one f-string per field, since this runs per request.
+        return self.name + "".join([
+            f" {key}={'-' if value is None else value if type(value) is not bool else str(value).lower()}"
+            for key, value in self.fields.items()])
 
 
 def find_user(conn: sqlite3.Connection, ref: int | str) -> dict[str, Any]:
