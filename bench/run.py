@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import py_compile
+import re
 import shutil
 import signal
 import socket
@@ -513,6 +514,35 @@ async def measure_startup(bench: Bench, sizes: Sizes, installed: bool = False) -
             "idle_rss_mib": median(idle)}
 
 
+# Python itself on this machine, for the gateway's start-up and memory to be read against: the bare
+# interpreter, and one that has imported what the gateway needs and made its TLS context.
+PYTHON_FLOORS = {
+    "python alone": "",
+    "python with asyncio, ssl, sqlite3, h11 and a certifi context":
+        "import asyncio, sqlite3, ssl, h11, certifi; ssl.create_default_context(cafile=certifi.where())",
+}
+
+
+async def measure_python_floors(sizes: Sizes) -> dict[str, dict[str, float]]:
+    """Spawn to the child's first output, and its RSS then, for each of PYTHON_FLOORS (medians)."""
+    floors = {}
+    for name, code in PYTHON_FLOORS.items():
+        times, rss = [], []
+        for _ in range(sizes.startups):
+            began = time.perf_counter()
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", f"{code}\nprint(open('/proc/self/status').read(), flush=True)",
+                stdout=asyncio.subprocess.PIPE)
+            assert child.stdout is not None
+            line = await child.stdout.readline()
+            times.append((time.perf_counter() - began) * 1000)
+            status = line + await child.stdout.read()
+            await child.wait()
+            rss.append(int(re.search(rb"VmRSS:\s*(\d+)", status).group(1)) / 1024)  # type: ignore[union-attr]
+        floors[name] = {"startup_ms": median(times), "rss_mib": median(rss)}
+    return floors
+
+
 async def warm_up(targets: list[Target]) -> None:
     """Every scenario and shape once through every target, a few dozen times (discarded)."""
     for target in targets:
@@ -699,7 +729,9 @@ def markdown(results: dict[str, Any]) -> str:
         ["peak RSS, ledger off", f"{fmt(mem['ledger_off_peak_mib'], 1)} MiB"],
         *[[f"start-up to first answer{label}, median (min–max)",
            f"{fmt(case['median_ms'], 0)} ms ({fmt(case['min_ms'], 0)}–{fmt(case['max_ms'], 0)})"]
-          for label, case in (("", start), (", installed command", installed))]])
+          for label, case in (("", start), (", installed command", installed))],
+        *[[f"{name}: start-up to first output / RSS", f"{fmt(floor['startup_ms'], 0)} ms / "
+           f"{fmt(floor['rss_mib'], 1)} MiB"] for name, floor in results["python_floors"].items()]])
     return "\n".join(out) + "\n"
 
 
@@ -726,6 +758,7 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
             progress("start-up")
             startup = await measure_startup(bench, sizes)
             startup_installed = await measure_startup(bench, sizes, installed=True)
+            python_floors = await measure_python_floors(sizes)
             ledger_path = workdir / "ledger.db"
             gateway, _ = await bench.start_gateway("gateway", {"TOKLIGENCE_LEDGER_PATH": str(ledger_path)})
             ledger_off, _ = await bench.start_gateway("ledger_off", {"TOKLIGENCE_LEDGER_PATH": "off"})
@@ -761,7 +794,7 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
                 "load_average": [load_before, os.getloadavg()[0]]},
         "targets_run": [target.name for target in gateways],
         "latency": latency, "paced": paced, "throughput": throughput, "memory": memory, "startup": startup,
-        "startup_installed": startup_installed,
+        "startup_installed": startup_installed, "python_floors": python_floors,
         "ledger": {"rows": rows if rows is not None else 0, "requests_sent": gateway.answered,
                    "status": ("recorded" if rows else "NOT recorded by this build (no rows in the ledger file)")},
         "auth": auth_facts,
