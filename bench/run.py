@@ -85,6 +85,9 @@ class Scenario:
     prefix: str        # model prefix, which routes at the gateway: chat-* to the chat provider, msg-* ...
 
     def request(self, shape: str, stream: bool, headers: dict[str, str] | None = None) -> bytes:
+        return build_request(WIRE_PATHS[self.wire], self.body(shape, stream), headers)
+
+    def body(self, shape: str, stream: bool) -> bytes:
         model = f"{self.prefix}-{shape}"
         if self.wire == "chat":
             body: dict[str, Any] = {"model": model, "max_tokens": 256, "stream": stream, "messages": [
@@ -95,7 +98,7 @@ class Scenario:
         else:        # store false, as Codex sends: a stored response costs a database write of its own
             body = {"model": model, "max_output_tokens": 256, "stream": stream, "instructions": SYSTEM,
                     "input": PROMPT, "store": False}
-        return build_request(WIRE_PATHS[self.wire], json.dumps(body).encode(), headers)
+        return json.dumps(body).encode()
 
 
 CHAT = Scenario("chat", "Chat passthrough", "chat", "chat")
@@ -468,6 +471,67 @@ async def measure_throughput(direct: Target, gateway: Target, variants: list[Tar
     return matrix
 
 
+# ---- wrk, when installed -----------------------------------------------------------------------------
+# The same loads from wrk (C, one thread), which costs a fraction of the Python client's CPU: a
+# cross-check that the gateway's rates and CPU per request do not depend on the load generator.
+WRK = shutil.which("wrk")
+WRK_CELLS = ((CHAT, "json"), (CHAT, "stream"), (MESSAGES_TO_CHAT, "stream"))
+WRK_SECONDS = 1                     # wrk takes whole seconds
+WRK_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk_script(scenario: Scenario, body: str, headers: dict[str, str]) -> str:
+    """wrk's Lua settings for one scenario: a POST with its JSON body."""
+    return "\n".join(['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"',
+                      *(f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items()),
+                      f"wrk.body = [==[{scenario.body(*BODIES[body]).decode()}]==]", ""])
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """Requests, rate and latency percentiles from `wrk --latency`; errors if any request failed."""
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", output)
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s)", output)
+    if failed or not done:
+        raise RuntimeError(f"wrk: {failed.group(0) if failed else 'no result'}\n{output}")
+    latency = {f"p{q}_ms": float(value) * WRK_UNITS_MS[unit]
+               for q, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)}
+    seconds = float(done.group(2)) * WRK_UNITS_MS[done.group(3)] / 1000
+    return {"requests": int(done.group(1)), "rps": int(done.group(1)) / seconds, **latency}
+
+
+async def wrk_load(target: Target, script: Path, path: str, concurrency: int) -> dict[str, float]:
+    cpu = target.process.cpu_seconds() if target.process else 0.0
+    child = await asyncio.create_subprocess_exec(
+        WRK or "wrk", "-t1", f"-c{concurrency}", f"-d{WRK_SECONDS}s", "--latency", "-s", str(script),
+        f"http://{HOST}:{target.port}{path}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await child.communicate()
+    sample = parse_wrk(output.decode())
+    sample["gateway_cpu_us"] = ((target.process.cpu_seconds() - cpu) * 1e6 / sample["requests"] if target.process
+                                else math.nan)
+    return sample
+
+
+async def measure_wrk(direct: Target, gateway: Target, workdir: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    """WRK_CELLS at the top concurrency, direct and through the gateway back to back in each round
+    (order alternating); [] without wrk."""
+    if WRK is None:
+        return []
+    top = max(sizes.concurrency)
+    rows = []
+    for index, (scenario, body) in enumerate(WRK_CELLS):
+        samples: dict[str, list[dict[str, float]]] = {direct.name: [], gateway.name: []}
+        for round_index in range(sizes.rounds):
+            for target in rotated([direct, gateway], round_index + index):
+                script = workdir / f"wrk-{scenario.key}-{body}-{target.name}.lua"
+                script.write_text(wrk_script(scenario, body, target.headers))
+                samples[target.name].append(await wrk_load(target, script, WIRE_PATHS[scenario.wire], top))
+        row: dict[str, Any] = {"scenario": scenario.key, "title": scenario.title, "body": body, "concurrency": top,
+                               **{name: median_of(runs) for name, runs in samples.items()}}
+        row["ratio"] = row[gateway.name]["rps"] / row[direct.name]["rps"]
+        rows.append(row)
+    return rows
+
+
 async def probe_auth(bench: Bench) -> tuple[Target | None, dict[str, Any]]:
     """HOOK(auth): a gateway with TOKLIGENCE_AUTH_DISABLED=false and TOKLIGENCE_ADMIN_KEY set. If it turns
     away a request without a key (401/403) and answers one with the key, auth is measured as a variant;
@@ -709,6 +773,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"Auth: {auth['status']}" + ("" if auth["status"] == "enforced" else
                                          " — the auth variant is skipped (HOOK(auth) in bench/run.py).")]
 
+    out += ["", "## Throughput with wrk (top concurrency, one wrk thread)", ""]
+    if results["wrk"]:
+        out += [f"The same loads from wrk, {WRK_SECONDS} s per target per round; latency is wrk's, per request.", ""]
+        out += table(["scenario", "body", "c", "direct req/s", "gateway req/s", "ratio", "gateway CPU µs/req",
+                      "direct p50 / p99 ms", "gateway p50 / p99 ms"],
+                     [[row["title"], row["body"], str(row["concurrency"]), fmt(row["direct"]["rps"], 0),
+                       fmt(row["gateway"]["rps"], 0), fmt(row["ratio"], 2), fmt(row["gateway"]["gateway_cpu_us"], 0),
+                       *(f"{fmt(row[name]['p50_ms'], 2)} / {fmt(row[name]['p99_ms'], 2)}"
+                         for name in ("direct", "gateway"))] for row in results["wrk"]])
+    else:
+        out += ["wrk is not installed (Debian: `apt install wrk`), so this cross-check was skipped."]
+
     out += ["", "## Paced stream (50 ms to first delta, then one every 5 ms)", ""]
     rows = []
     for case in results["paced"].values():
@@ -779,6 +855,8 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
             paced = await measure_paced(direct, gateway, sizes)
             progress("throughput matrix")
             throughput = await measure_throughput(direct, gateway, gateways[1:], mock, sizes)
+            progress("wrk" if WRK else "wrk: not installed, skipped")
+            wrk = await measure_wrk(direct, gateway, workdir, sizes)
             memory = {"idle_rss_mib": idle, "rss_after_mib": gateway.process.memory_mib()["rss_mib"],
                       "peak_mib": gateway.process.memory_mib()["peak_mib"],
                       "ledger_off_peak_mib": ledger_off.process.memory_mib()["peak_mib"]}
@@ -794,7 +872,7 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
                 "load_average": [load_before, os.getloadavg()[0]]},
         "targets_run": [target.name for target in gateways],
         "latency": latency, "paced": paced, "throughput": throughput, "memory": memory, "startup": startup,
-        "startup_installed": startup_installed, "python_floors": python_floors,
+        "startup_installed": startup_installed, "python_floors": python_floors, "wrk": wrk,
         "ledger": {"rows": rows if rows is not None else 0, "requests_sent": gateway.answered,
                    "status": ("recorded" if rows else "NOT recorded by this build (no rows in the ledger file)")},
         "auth": auth_facts,
