@@ -4452,7 +4452,7 @@ class Request:
     started: float                      # perf_counter when the request line arrived
     query: str = ""
     key: KeyInfo | None = None          # the caller's API key once authenticated (team edition)
-    http_version: str = "1.1"
+    http_version: str = "1.1"           # as the client sent it: "1.1" or "1.0"
 
 
 def _header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -4495,7 +4495,6 @@ class Responder:
               relayed: Iterable[tuple[bytes, bytes]] = (), length: int | None = None) -> None:
         """Holds the response head: relayed (a provider's headers as h11 parsed them) go first, as
         they are, then headers, then the framing: length, or a body that send() streams."""
-        self.started, self.status = True, status
         if length is not None:
             framing = [(b"content-length", b"%d" % length)]
         elif self._http11:
@@ -4506,6 +4505,7 @@ class Responder:
             framing.append((b"connection", b"close"))
         self._head = http_head(b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"")),
                                [*relayed, *checked_headers(headers), *framing])
+        self.started, self.status = True, status      # not before: a header refused leaves it unstarted
 
     async def send(self, data: bytes) -> None:
         """Write a body chunk and wait while the client is slow; raises ConnectionError if it left."""
@@ -4601,7 +4601,16 @@ class HTTPServer:
                     break
                 request, pipelined = read
                 responder = Responder(reader, writer, request)
-                await self.handler(request, responder)
+                try:
+                    await self.handler(request, responder)
+                except (ConnectionError, asyncio.CancelledError):
+                    raise
+                except Exception:        # a fault of the gateway's: answered as one, if nothing went out yet
+                    log.exception("%s %s from %s failed", request.method, request.path, peer)
+                    if not responder.started:
+                        await self._answer_and_close(reader, writer, request.path, GatewayError(
+                            500, "api_error", "the gateway failed on this request; its log says why"))
+                    break
                 if not (responder.complete and responder.keep_alive):
                     break
                 # A fresh h11 for the next request: this one's body was likely read past h11 (_read_request).
@@ -4611,9 +4620,7 @@ class HTTPServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except BrokenRequest as broken:       # raised between responses, so it can still be answered
-            status, headers, body = self.render_error(broken.path, broken.error)
-            with contextlib.suppress(ConnectionError):
-                await Responder(reader, writer, None).respond(status, headers, body)
+            await self._answer_and_close(reader, writer, broken.path, broken.error)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -4623,6 +4630,13 @@ class HTTPServer:
             self.busy.discard(task)
             self.idle.discard(task)
             writer.close()
+
+    async def _answer_and_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+                                error: GatewayError) -> None:
+        """The error in the wire of the route at path, as the connection's last response."""
+        status, headers, body = self.render_error(path, error)
+        with contextlib.suppress(ConnectionError):
+            await Responder(reader, writer, None).respond(status, headers, body)
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             peer: str, task: asyncio.Task, deadline: ReadDeadline
@@ -6031,6 +6045,9 @@ class Gateway:
                 await self.send_error(responder, client_wire, err, ex.id)
         except (ConnectionError, asyncio.CancelledError):
             ex.status = 499                      # the client went away
+            raise
+        except Exception:                        # a fault of the gateway's, which the server answers
+            ex.status, ex.error_type = 500, "api_error"
             raise
         finally:
             await self.finish(ex)

@@ -5,10 +5,13 @@ import json
 import socket
 import time
 
+import anthropic
+import openai
 import pytest
 
 import tokligence as tk
 from conftest import provider_section
+from team_edition import ledger_rows
 
 
 def raw_exchange(port: int, data: bytes, read_until_close: bool = True, timeout: float = 5) -> bytes:
@@ -209,6 +212,28 @@ def test_the_fast_json_reader_gives_what_json_loads_gives(data):
         assert str(raised.value) == str(error)
     else:
         assert tk.json_loads(data) == expected
+
+
+def test_a_fault_in_the_gateway_is_a_500_in_the_clients_wire_and_is_recorded(gateway_factory, monkeypatch):
+    gw = gateway_factory()
+
+    async def fault(*args):
+        raise RuntimeError("a bug in the gateway")
+
+    monkeypatch.setattr(gw.gateway, "answer_locally", fault)
+    messages = anthropic.Anthropic(base_url=gw.url, api_key="sk-client", max_retries=0)
+    with pytest.raises(anthropic.InternalServerError) as raised:
+        messages.messages.create(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.body["type"] == "error" and raised.value.body["error"]["type"] == "api_error"
+    chat = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-client", max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="the gateway failed on this request"):
+        chat.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    monkeypatch.undo()
+    assert chat.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices
+    rows = ledger_rows(gw, 3)
+    assert [(row["endpoint"], row["status"], row["error_type"]) for row in rows] == [
+        ("/v1/messages", 500, "api_error"), ("/v1/chat/completions", 500, "api_error"),
+        ("/v1/chat/completions", 200, None)]
 
 
 def test_health_reports_version_uptime_and_providers(gateway_factory):
