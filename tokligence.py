@@ -5894,7 +5894,7 @@ class Gateway:
             "/v1/embeddings": {"POST": self.embeddings},
             "/v1/models": {"GET": self.models},
             "/health": {"GET": self.health},
-            "/": {"GET": self.health, "HEAD": self.head},
+            "/": {"GET": self.health},
             ADMIN_USERS: {"GET": self.api(self.api_list_users), "POST": self.api(self.api_create_user)},
             ADMIN_KEYS: {"GET": self.api(self.api_list_keys), "POST": self.api(self.api_create_key)},
             "/api/v1/usage/summary": {"GET": self.api(self.api_usage_summary, admin=False)},
@@ -5944,9 +5944,11 @@ class Gateway:
                 (methods for prefix, methods in self.resources.items() if path.startswith(prefix)), None)
             if methods is None:
                 raise GatewayError(404, "not_found", f"no such endpoint: {request.method} {request.path}")
-            if request.method not in methods:
+            # HEAD is answered as GET would be, without the body (the Responder leaves it out).
+            method = "GET" if request.method == "HEAD" and "HEAD" not in methods else request.method
+            if method not in methods:
                 raise GatewayError(405, "invalid_request", f"{request.method} is not allowed on {request.path}",
-                                   headers={"allow": ", ".join(methods)})
+                                   headers={"allow": ", ".join([*methods, *(["HEAD"] if "GET" in methods else [])])})
             if self.keys is None:
                 self.check_host(request)
                 if path.startswith("/api/"):
@@ -5956,7 +5958,7 @@ class Gateway:
         except GatewayError as err:
             await self.send_error(responder, wire, err)
             return
-        await methods[request.method](request, responder)
+        await methods[method](request, responder)
 
     def check_host(self, request: Request) -> None:
         """Without auth, only loopback Host names (and allowed ones) are served, so a web page cannot
@@ -6483,9 +6485,6 @@ class Gateway:
                                  for u in self.router.upstreams.values()],
                    "loops": self.loops}
         await responder.respond(200, JSON_HEADERS, json.dumps(payload).encode())
-
-    async def head(self, request: Request, responder: Responder) -> None:
-        await responder.respond(200, [], b"")
 
     # ---- admin and usage APIs ------------------------------------------------------------------
     # JSON in and out, errors in OpenAI's shape. With auth on, handle() has authenticated the caller;

@@ -142,7 +142,7 @@ def test_the_last_active_admin_cannot_be_demoted_disabled_or_deleted(team):
 
 def test_a_method_the_endpoint_lacks_is_a_405_naming_the_allowed_ones(team):
     reply = call(team, "PUT", "/api/v1/admin/users/1", {}, key=ADMIN_KEY)
-    assert reply.status == 405 and reply.headers["allow"] == "GET, PATCH, DELETE, POST"
+    assert reply.status == 405 and reply.headers["allow"] == "GET, PATCH, DELETE, POST, HEAD"
     assert "PUT is not allowed" in reply.json()["error"]["message"]
 
 

@@ -2,6 +2,7 @@
 import asyncio
 import http.client
 import json
+import re
 import socket
 import time
 
@@ -252,12 +253,16 @@ def test_head_root_answers_for_preconnects(gateway_factory):
     assert conn.getresponse().status == 200
 
 
-def test_a_head_request_gets_the_head_alone_and_the_connection_serves_the_next(gateway_factory):
+def test_a_head_request_gets_the_head_a_get_would_get_and_the_connection_serves_the_next(gateway_factory):
     gw = gateway_factory()
+    get = raw_exchange(gw.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     reply = raw_exchange(gw.port, b"HEAD /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                         b"HEAD /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                          b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-    head, _, rest = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 405") and b"\r\ncontent-length: " in head   # what a GET would get
+    models, not_allowed, rest = reply.split(b"\r\n\r\n", 2)
+    length = re.search(rb"content-length: (\d+)", get).group(1)
+    assert models.startswith(b"HTTP/1.1 200") and b"\r\ncontent-length: " + length in models
+    assert not_allowed.startswith(b"HTTP/1.1 405") and b"\r\nallow: POST" in not_allowed
     assert rest.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in rest
 
 
