@@ -4468,12 +4468,14 @@ class Responder:
     body by Content-Length when the handler has it whole, else chunked, or for an HTTP/1.0 client by
     closing the connection after it; a HEAD request gets the head alone."""
 
-    __slots__ = ("_reader", "_writer", "_head", "_http11", "_head_only", "_chunked", "keep_alive", "complete",
-                 "started", "status", "sent_bytes")
+    __slots__ = ("_reader", "_writer", "_server", "_head", "_http11", "_head_only", "_chunked", "keep_alive",
+                 "complete", "started", "status", "sent_bytes")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request | None):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request | None,
+                 server: HTTPServer | None = None):
         self._reader = reader
         self._writer = writer
+        self._server = server    # whose shutdown ends the connection after this response
         self._head = b""         # the response head, held to go out with the first body bytes
         self._http11 = request is None or request.http_version == "1.1"
         self._head_only = request is not None and request.method == "HEAD"
@@ -4501,6 +4503,8 @@ class Responder:
             framing, self._chunked = [(b"transfer-encoding", b"chunked")], True
         else:
             framing, self.keep_alive = [], False
+        if self._server is not None and self._server.closing:
+            self.keep_alive = False          # draining: the client should not send another request here
         if not self.keep_alive:
             framing.append((b"connection", b"close"))
         self._head = http_head(b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"")),
@@ -4600,7 +4604,7 @@ class HTTPServer:
                 if read is None:
                     break
                 request, pipelined = read
-                responder = Responder(reader, writer, request)
+                responder = Responder(reader, writer, request, self)
                 try:
                     await self.handler(request, responder)
                 except (ConnectionError, asyncio.CancelledError):

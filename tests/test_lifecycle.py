@@ -56,6 +56,22 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits(tmp_path, mock):
     assert "shutting down" in output and "Traceback" not in output
 
 
+def test_a_reply_finished_while_draining_tells_the_client_to_close_the_connection(tmp_path, mock):
+    mock.enqueue({"fault": "slow_first_byte", "delay": 0.5})
+    process, port = start_gateway(tmp_path, provider_section("local", mock) + "[routes]\n* = local\n")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() and conn.sock is not None         # kept alive before the shutdown
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": "x"}]}), {"content-type": "application/json"})
+    time.sleep(0.2)                                                      # the provider is still thinking
+    process.send_signal(signal.SIGTERM)
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read())["choices"]
+    assert response.getheader("connection") == "close"
+    assert process.wait(10) == 0
+
+
 def test_sigterm_with_a_stream_longer_than_the_grace_period_still_exits(tmp_path, mock):
     mock.enqueue({"fault": "slow_stream", "interval": 0.2, "deltas": 100})
     process, port = start_gateway(tmp_path, provider_section("local", mock) +
