@@ -4480,7 +4480,8 @@ class Responder:
         self._http11 = request is None or request.http_version == "1.1"
         self._head_only = request is not None and request.method == "HEAD"
         self._chunked = False
-        # h11's rule: only HTTP/1.1 keeps a connection open, unless the client said "close".
+        # HTTP/1.1 keeps the connection open unless the client said "close"; HTTP/1.0 never does here
+        # (its keep-alive extension is not offered, as h11 does not offer it either).
         self.keep_alive = request is not None and self._http11 and "close" not in [
             token.strip().lower() for token in request.headers.get("connection", "").split(",")]
         self.complete = False    # the whole response is written: the connection may serve another
