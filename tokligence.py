@@ -5068,11 +5068,9 @@ class UpstreamPool:
         reader, writer = await asyncio.open_connection(proxy_host, proxy_port, limit=READ_SIZE)
         if tls is None:
             return reader, writer          # plain HTTP goes through the proxy in absolute form
-        target = f"{origin.host}:{origin.port}"
-        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-        if auth:
-            lines.append(f"Proxy-Authorization: {auth}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        target = f"{origin.host}:{origin.port}".encode()
+        writer.write(http_head(b"CONNECT %s HTTP/1.1" % target, [(b"host", target), *(
+            [(b"proxy-authorization", auth.encode())] if auth else [])]))
         head = await reader.readuntil(b"\r\n\r\n")
         status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
         if status != b"200":

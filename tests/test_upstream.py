@@ -282,7 +282,7 @@ class PipeServer:
     front of the mock, or an HTTP CONNECT proxy (which also records the CONNECT targets it saw)."""
 
     def __init__(self, *, tls: ssl.SSLContext | None = None, target: tuple[str, int] | None = None):
-        self.tls, self.target, self.connects = tls, target, []
+        self.tls, self.target, self.connects, self.connect_heads = tls, target, [], []
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
 
@@ -302,6 +302,7 @@ class PipeServer:
             head = await reader.readuntil(b"\r\n\r\n")
             host, port = head.split(b" ")[1].decode().rsplit(":", 1)
             self.connects.append(f"{host}:{port}")
+            self.connect_heads.append(head)
             target = (host, int(port))
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         up_reader, up_writer = await asyncio.open_connection(*target)
@@ -368,17 +369,22 @@ def test_https_provider_with_an_unknown_ca_is_refused(gateway_factory, mock, cer
         tls.close()
 
 
-def test_https_proxy_is_used_through_connect(gateway_factory, mock, certificate):
+@pytest.mark.parametrize("credentials, authorization", [
+    ("", None), ("user:secret@", b"proxy-authorization: Basic dXNlcjpzZWNyZXQ=\r\n")])
+def test_https_proxy_is_used_through_connect(gateway_factory, mock, certificate, credentials, authorization):
     cert, context = certificate
     tls = PipeServer(tls=context, target=("127.0.0.1", int(mock.base_url.rsplit(":", 1)[1])))
     proxy = PipeServer()
     try:
         gw = gateway_factory(f"[gateway]\nca_bundle = {cert}\n[provider.secure]\n"
                              f"base_url = https://localhost:{tls.port}/v1\n[routes]\n* = secure\n",
-                             env={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"})
+                             env={"HTTPS_PROXY": f"http://{credentials}127.0.0.1:{proxy.port}"})
         mock.enqueue({"text": "tunnelled"})
         assert ask(gw).choices[0].message.content == "tunnelled"
         assert proxy.connects == [f"localhost:{tls.port}"]
+        head = proxy.connect_heads[0]
+        assert head.startswith(f"CONNECT localhost:{tls.port} HTTP/1.1\r\nhost: localhost:{tls.port}\r\n".encode())
+        assert (b"proxy-authorization" in head) is bool(authorization) and (authorization or b"") in head
     finally:
         proxy.close()
         tls.close()
