@@ -4380,6 +4380,14 @@ def after_interim_heads(data: bytes) -> tuple[bytes, bool]:
     return data, len(data) > 9
 
 
+def keeps_alive(http_version: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a message lets its connection carry another exchange: HTTP/1.1 unless a Connection
+    header says "close". HTTP/1.0 never does here (its keep-alive extension is not offered, as h11
+    does not offer it either)."""
+    tokens = b",".join([value for name, value in headers if name == b"connection"]).lower().split(b",")
+    return http_version == b"1.1" and b"close" not in map(bytes.strip, tokens)
+
+
 def body_chunk(data: bytes) -> bytes:
     """Data framed as one chunk of a chunked body; LAST_CHUNK ends the body."""
     return b"%x\r\n%b\r\n" % (len(data), data)
@@ -4480,10 +4488,7 @@ class Responder:
         self._http11 = request is None or request.http_version == "1.1"
         self._head_only = request is not None and request.method == "HEAD"
         self._chunked = False
-        # HTTP/1.1 keeps the connection open unless the client said "close"; HTTP/1.0 never does here
-        # (its keep-alive extension is not offered, as h11 does not offer it either).
-        self.keep_alive = request is not None and self._http11 and "close" not in [
-            token.strip().lower() for token in request.headers.get("connection", "").split(",")]
+        self.keep_alive = request is not None and keeps_alive(request.http_version.encode(), request.raw_headers)
         self.complete = False    # the whole response is written: the connection may serve another
         self.started = False
         self.status = 0
@@ -5125,8 +5130,7 @@ class UpstreamPool:
                     conn.receive_data(data)
                 elif type(event) is h11.Response:
                     headers = list(event.headers)
-                    tokens = b",".join(v for n, v in headers if n == b"connection").lower().split(b",")
-                    keep_alive = event.http_version == b"1.1" and b"close" not in map(bytes.strip, tokens)
+                    keep_alive = keeps_alive(event.http_version, headers)
                     framing: ChunkedBody | LengthBody
                     if method == "HEAD" or event.status_code in (204, 304):
                         framing = LengthBody(0)
