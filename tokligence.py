@@ -4346,9 +4346,10 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"p
 
 # The grammar of a header line: a token name, and a latin-1 value without NUL, CR or LF or
 # whitespace at either end. A whole head is checked at once, its lines ended by NUL, which no valid
-# name or value holds; that costs a fraction of checking each header.
-VALID_HEADER_LINES = re.compile(r"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:(?:[^\x00\t\n\x0b\x0c\r \u0100-\U0010ffff]+"
-                                r"(?:[ \t]+[^\x00\t\n\x0b\x0c\r \u0100-\U0010ffff]+)*)?\x00)*")
+# name or value holds; that costs a fraction of checking each header. (The value's class is
+# spelled as the ranges it allows: a class that excludes the rest of Unicode takes 5 ms to compile.)
+VALID_HEADER_LINES = re.compile(r"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:(?:[\x01-\x08\x0e-\x1f!-\xff]+"
+                                r"(?:[ \t]+[\x01-\x08\x0e-\x1f!-\xff]+)*)?\x00)*")
 
 
 def checked_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
