@@ -4396,6 +4396,31 @@ def body_chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
+WEEKDAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
+
+
+class HTTPDate:
+    """The Date header every response the gateway makes carries (RFC 9110 section 6.6.1), in its
+    IMF-fixdate form. Made at most once a second; the names are spelled out, as strftime's follow
+    the locale."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second, self._value = -1, b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            t = time.gmtime(second)
+            self._second, self._value = second, b"%s, %02d %s %d %02d:%02d:%02d GMT" % (
+                WEEKDAYS[t.tm_wday], t.tm_mday, MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+        return self._value
+
+
+RESPONSE_DATE = HTTPDate()
+
 
 class ReadDeadline:
     """Socket reads with a timeout, for one connection: `await read(reader, seconds)` is
@@ -4501,9 +4526,10 @@ class Responder:
         return self._writer.is_closing() or self._reader.at_eof()
 
     def start(self, status: int, headers: list[tuple[str, str]],
-              relayed: Iterable[tuple[bytes, bytes]] = (), length: int | None = None) -> None:
+              relayed: list[tuple[bytes, bytes]] | None = None, length: int | None = None) -> None:
         """Holds the response head: relayed (a provider's headers as h11 parsed them) go first, as
-        they are, then headers, then the framing: length, or a body that send() streams."""
+        they are, then headers, then the framing: length, or a body that send() streams. A Date
+        comes first unless the provider's is relayed."""
         if length is not None:
             framing = [(b"content-length", b"%d" % length)]
         elif self._http11:
@@ -4514,6 +4540,9 @@ class Responder:
             self.keep_alive = False          # draining: the client should not send another request here
         if not self.keep_alive:
             framing.append((b"connection", b"close"))
+        relayed = relayed or []
+        if not any(name == b"date" for name, _ in relayed):
+            relayed = [(b"date", RESPONSE_DATE.now()), *relayed]
         self._head = http_head(b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"")),
                                [*relayed, *checked_headers(headers), *framing])
         self.started, self.status = True, status      # not before: a header refused leaves it unstarted
@@ -4531,7 +4560,7 @@ class Responder:
         await self._writer.drain()
 
     async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes,
-                      relayed: Iterable[tuple[bytes, bytes]] = ()) -> None:
+                      relayed: list[tuple[bytes, bytes]] | None = None) -> None:
         self.start(status, headers, relayed, len(body))
         if not self._head_only:
             self.sent_bytes += len(body)

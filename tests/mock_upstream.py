@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import email.utils
 import gzip
 import hashlib
 import json
@@ -709,7 +710,9 @@ class _Link:
 
 
 def _response_head(status: int, headers: dict[str, str]) -> h11.Response:
-    return h11.Response(status_code=status, headers=list(headers.items()))
+    """Dated, as every real provider's reply is, unless the spec's headers give a date."""
+    return h11.Response(status_code=status, headers=list({"date": email.utils.formatdate(usegmt=True),
+                                                          **headers}.items()))
 
 
 # --------------------------------------------------------------------------- the server

@@ -1,5 +1,6 @@
 """The HTTP server: keep-alive, pipelining, 100-continue, limits, timeouts, errors and shutdown."""
 import asyncio
+import email.utils
 import http.client
 import json
 import re
@@ -264,6 +265,40 @@ def test_a_head_request_gets_the_head_a_get_would_get_and_the_connection_serves_
     assert models.startswith(b"HTTP/1.1 200") and b"\r\ncontent-length: " + length in models
     assert not_allowed.startswith(b"HTTP/1.1 405") and b"\r\nallow: POST" in not_allowed
     assert rest.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in rest
+
+
+def dates_of(port: int, method: str, path: str, body: bytes | None = None) -> list[str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request(method, path, body, {"content-type": "application/json"} if body else {})
+    response = conn.getresponse()
+    response.read()
+    return response.headers.get_all("date") or []
+
+
+def test_every_response_is_dated_now_and_a_relayed_reply_keeps_the_providers_date(gateway_factory, mock):
+    gw = gateway_factory(provider_section("dated", mock) + "[routes]\n* = dated\n")
+    messages = json.dumps({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    gateway_made = [dates_of(gw.port, "GET", "/health"), dates_of(gw.port, "HEAD", "/v1/models"),
+                    dates_of(gw.port, "GET", "/nowhere"),                                       # a 404
+                    dates_of(gw.port, "POST", "/v1/messages", messages.encode())]               # translated
+    for dates in gateway_made:
+        assert len(dates) == 1
+        assert re.fullmatch(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                            r"\d{4} \d\d:\d\d:\d\d GMT", dates[0])
+        assert abs(email.utils.parsedate_to_datetime(dates[0]).timestamp() - time.time()) < 5
+    provider_date = "Tue, 03 Jun 2025 08:00:00 GMT"
+    mock.enqueue({"text": "relayed", "headers": {"date": provider_date}},
+                 {"text": "relayed", "headers": {"date": provider_date}})
+    assert dates_of(gw.port, "POST", "/v1/chat/completions", chat_body()) == [provider_date]
+    assert dates_of(gw.port, "POST", "/v1/chat/completions", chat_body(stream=True)) == [provider_date]
+
+
+def test_the_date_follows_the_clock_in_english_whatever_the_locale(monkeypatch):
+    date = tk.HTTPDate()
+    monkeypatch.setattr(tk.time, "time", lambda: 784111777.9)    # RFC 9110's own example
+    assert date.now() == b"Sun, 06 Nov 1994 08:49:37 GMT"
+    monkeypatch.setattr(tk.time, "time", lambda: 1772323200.0)
+    assert date.now() == b"Sun, 01 Mar 2026 00:00:00 GMT"
 
 
 def stream_reply(port: int, version: str) -> tuple[dict[str, str], bytes]:
