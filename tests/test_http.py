@@ -293,7 +293,7 @@ def test_every_response_is_dated_now_and_a_relayed_reply_keeps_the_providers_dat
     assert dates_of(gw.port, "POST", "/v1/chat/completions", chat_body(stream=True)) == [provider_date]
 
 
-def test_the_date_follows_the_clock_in_english_whatever_the_locale(monkeypatch):
+def test_the_date_is_the_clock_in_imf_fixdate_form_with_english_names(monkeypatch):
     date = tk.HTTPDate()
     monkeypatch.setattr(tk.time, "time", lambda: 784111777.9)    # RFC 9110's own example
     assert date.now() == b"Sun, 06 Nov 1994 08:49:37 GMT"
