@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Tokligence benchmarks: the gateway against direct calls to the same mock provider, in one run.
 
-    python bench/run.py            # about 3 minutes on 2 cores
+    python bench/run.py            # about 4 minutes on 2 cores
     python bench/run.py --quick    # about 1 minute, fewer and shorter rounds
 
-Starts bench/mock.py and the gateway (three instances: ledger on, ledger off, auth on) on loopback
-ports, measures added latency, throughput and CPU per request, streaming delays, memory and start-up,
-then writes bench/results/latest.md and latest.json and prints the Markdown. bench/README.md says
-what each figure means.
+Starts bench/mock.py, the gateway (three instances: ledger on, ledger off, auth on) and, as the
+yardstick for paced streams, bench/relay.py on loopback ports; measures added latency, throughput
+and CPU per request, streaming delays, memory and start-up; then writes bench/results/latest.md and
+latest.json and prints the Markdown. bench/README.md says what each figure means.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from client import Connection, Result, build_request
 BENCH = Path(__file__).resolve().parent
 DEFAULT_GATEWAY = BENCH.parent / "tokligence.py"
 MOCK = BENCH / "mock.py"
+RELAY = BENCH / "relay.py"
 RESULTS = BENCH / "results"
 HOST = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -408,12 +409,13 @@ def case_key(scenario: Scenario, stream: bool) -> str:
     return f"{scenario.key}_{'stream' if stream else 'json'}"
 
 
-async def measure_paced(direct: Target, gateway: Target, sizes: Sizes) -> dict[str, Any]:
-    """Paced streams (50 ms to the first delta, then one every 5 ms): when each delta arrives."""
+async def measure_paced(direct: Target, gateway: Target, relay: Target, sizes: Sizes) -> dict[str, Any]:
+    """Paced streams (50 ms to the first delta, then one every 5 ms): when each delta arrives, direct,
+    through the gateway, and through the bare relay (bench/relay.py) as the yardstick for a hop."""
     rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
     for round_index in range(sizes.paced_rounds):
         for scenario in PACED_CASES:
-            for target in rotated([direct, gateway], round_index):
+            for target in rotated([direct, gateway, relay], round_index):
                 raw = scenario.request(PACED, True, target.headers)
                 connections = await open_connections(target, 1)
                 try:
@@ -432,11 +434,14 @@ async def measure_paced(direct: Target, gateway: Target, sizes: Sizes) -> dict[s
     for scenario in PACED_CASES:
         base = median_of(rounds[(scenario.key, direct.name)])
         via = median_of(rounds[(scenario.key, gateway.name)])
+        hop = median_of(rounds[(scenario.key, relay.name)])
         report[scenario.key] = {
-            "title": scenario.title, "direct": base, "gateway": via,
+            "title": scenario.title, "direct": base, "gateway": via, "relay": hop,
             "ttfb_added_ms": via["first_delta_ms"] - base["first_delta_ms"],
             "delay_added_p50_ms": via["delay_p50_ms"] - base["delay_p50_ms"],
-            "delay_added_p99_ms": via["delay_p99_ms"] - base["delay_p99_ms"]}
+            "delay_added_p99_ms": via["delay_p99_ms"] - base["delay_p99_ms"],
+            "relay_ttfb_added_ms": hop["first_delta_ms"] - base["first_delta_ms"],
+            "relay_delay_added_p99_ms": hop["delay_p99_ms"] - base["delay_p99_ms"]}
     return report
 
 
@@ -810,15 +815,19 @@ def markdown(results: dict[str, Any]) -> str:
     for case in results["paced"].values():
         d, g = case["direct"], case["gateway"]
         rows.append([case["title"], fmt(d["first_delta_ms"], 2), fmt(g["first_delta_ms"], 2),
-                     fmt(case["ttfb_added_ms"], 3), fmt(d["delay_p50_ms"], 3), fmt(g["delay_p50_ms"], 3),
-                     fmt(d["delay_p99_ms"], 3), fmt(g["delay_p99_ms"], 3), fmt(case["delay_added_p99_ms"], 3)])
-    out += table(["scenario", "direct first delta ms", "via first delta ms", "added", "direct delay p50",
-                  "via delay p50", "direct delay p99", "via delay p99", "added p99"], rows)
+                     fmt(case["ttfb_added_ms"], 3), fmt(case["relay_ttfb_added_ms"], 3), fmt(d["delay_p50_ms"], 3),
+                     fmt(g["delay_p50_ms"], 3), fmt(d["delay_p99_ms"], 3), fmt(g["delay_p99_ms"], 3),
+                     fmt(case["delay_added_p99_ms"], 3), fmt(case["relay_delay_added_p99_ms"], 3)])
+    out += table(["scenario", "direct first delta ms", "via first delta ms", "added", "bare relay added",
+                  "direct delay p50", "via delay p50", "direct delay p99", "via delay p99", "added p99",
+                  "bare relay added p99"], rows)
     wake = results["machine"]["idle_wake"]
-    out += ["", f"Code that runs right after 50 ms asleep is slower on this machine: `json.loads` of a stream "
-                f"chunk took {fmt(wake['warm_us'], 1)} µs warm and {fmt(wake['after_50ms_idle_us'], 1)} µs at once "
-                "after a 50 ms sleep. The gateway's work between a provider's first bytes and the client's "
-                "first delta runs at the second rate."]
+    out += ["", "*Bare relay*: the same streams through bench/relay.py, which copies bytes both ways and parses "
+                "nothing: what one more Python process on the path costs here, before any HTTP work.", "",
+            f"Code that runs right after 50 ms asleep is slower on this machine: `json.loads` of a stream "
+            f"chunk took {fmt(wake['warm_us'], 1)} µs warm and {fmt(wake['after_50ms_idle_us'], 1)} µs at once "
+            "after a 50 ms sleep. The gateway's work between a provider's first bytes and the client's "
+            "first delta runs at the second rate."]
 
     mem, start, installed = results["memory"], results["startup"], results["startup_installed"]
     out += ["", "## Memory and start-up", ""]
@@ -878,7 +887,14 @@ async def run(sizes: Sizes, mode: str, command: str, source: Path) -> dict[str, 
             progress("added latency")
             latency = await measure_latency(direct, gateways, sizes)
             progress("paced streams")
-            paced = await measure_paced(direct, gateway, sizes)
+            relay_port = free_port()
+            relay_process = Process("relay", [sys.executable, str(RELAY), "--port", str(relay_port),
+                                              "--upstream-port", str(mock_port)], dict(os.environ),
+                                    workdir / "relay.log")
+            stack.callback(relay_process.stop)
+            relay = Target("relay", relay_port, relay_process)
+            await wait_answering(relay, CHAT.request(UNPACED, False))
+            paced = await measure_paced(direct, gateway, relay, sizes)
             progress("throughput matrix")
             throughput = await measure_throughput(direct, gateway, gateways[1:], mock, sizes)
             progress("wrk" if WRK else "wrk: not installed, skipped")
