@@ -71,7 +71,7 @@ class Sizes:
 
 
 FULL = Sizes(rounds=3, seconds=0.7, latency_rounds=5, latency_requests=250, paced_rounds=5, paced_requests=12,
-             startups=5)
+             startups=9)
 QUICK = Sizes(rounds=2, seconds=0.3, latency_rounds=3, latency_requests=150, paced_rounds=2, paced_requests=4,
               startups=3)
 
