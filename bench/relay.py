@@ -30,7 +30,11 @@ async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 async def serve(port: int, upstream_port: int) -> None:
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(HOST, upstream_port)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(HOST, upstream_port)
+        except OSError:
+            client_writer.close()          # the client sees the connection close, as with no upstream
+            return
         await asyncio.gather(copy(client_reader, upstream_writer), copy(upstream_reader, client_writer))
 
     server = await asyncio.start_server(relay, HOST, port)
