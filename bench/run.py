@@ -119,10 +119,10 @@ PACED_CASES = (CHAT, MESSAGES_TO_CHAT)
 
 @dataclass(eq=False)
 class Target:
-    """Something to send requests to: the mock directly, or one of the gateways."""
+    """Something to send requests to: the mock directly, one of the gateways, or the bare relay."""
     name: str
     port: int
-    process: Process | None         # the gateway whose CPU is charged; None for direct calls
+    process: Process | None         # in front of the mock; its CPU is what a load charges. None for direct calls
     headers: dict[str, str] = field(default_factory=dict)
     answered: int = 0               # requests answered on connections that have been closed
 
